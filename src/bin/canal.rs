@@ -1,0 +1,215 @@
+//! The `canal` command line: `serve` (the demo app), `worker` and `send`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use canal::server::{OverflowPolicy, ServerConfig};
+use canal::{Server, demo};
+
+/// canal: HTTP and WebSocket on one port, consumers, groups and a channel layer.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Log filter (tracing syntax): error, warn, info, debug, or per target like
+    /// `info,canal::access=warn`. RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the chat page and the demo endpoints (/ws/echo/, /ws/chat/{room}/, /health).
+    Serve(ServeArgs),
+    /// Consume channels for background work (needs a shared layer such as Redis).
+    Worker(LayerArgs),
+    /// Push a message into the layer from a shell (needs a shared layer such as Redis).
+    Send(LayerArgs),
+}
+
+#[derive(Args, Debug)]
+struct LayerArgs {
+    /// Channel layer URL (`redis://host:port[,…]`); the in-memory layer is process-local.
+    #[arg(long, default_value = "memory://")]
+    layer: String,
+    /// Channel names, or a channel/group and a message.
+    #[arg(trailing_var_arg = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    bind: String,
+    /// Channel layer: `memory://` (in-process).
+    #[arg(long, default_value = "memory://")]
+    layer: String,
+    /// Largest WebSocket message, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_message_size: usize,
+    /// Largest WebSocket frame payload, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_frame_size: usize,
+    /// Seconds of client silence before a ping.
+    #[arg(long, default_value_t = 20)]
+    ping_interval: u64,
+    /// Seconds to wait for a pong before dropping the client.
+    #[arg(long, default_value_t = 30)]
+    ping_timeout: u64,
+    /// Seconds a client has to send its request headers.
+    #[arg(long, default_value_t = 5)]
+    header_timeout: u64,
+    /// Seconds a consumer has to accept or deny a WebSocket (then 403).
+    #[arg(long, default_value_t = 5)]
+    accept_timeout: u64,
+    /// Seconds an idle HTTP keep-alive connection stays open.
+    #[arg(long, default_value_t = 5)]
+    http_idle_timeout: u64,
+    /// Largest HTTP request body, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_size: usize,
+    /// Most connections at once (default: the open-file limit minus 64).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Bytes queued towards one client before the overflow policy applies.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_outbound_bytes: usize,
+    /// Messages queued towards one client before the overflow policy applies.
+    #[arg(long, default_value_t = 1024)]
+    max_outbound_messages: usize,
+    /// What to do with a client that reads too slowly: close (1008), drop-oldest, drop-newest.
+    #[arg(long, default_value = "close")]
+    overflow: OverflowPolicy,
+    /// Seconds handlers get to finish at shutdown.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+    /// Turn off the access log (one line per request / WebSocket connect / disconnect).
+    #[arg(long)]
+    no_access_log: bool,
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("canal: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Worker(args) | Command::Send(args) => {
+            if args.layer.starts_with("memory") {
+                eprintln!(
+                    "canal: this command needs a shared channel layer (--layer redis://HOST:PORT); \
+                     the in-memory layer only exists inside one process"
+                );
+            } else {
+                eprintln!(
+                    "canal: unsupported layer {:?} (this build has: memory://)",
+                    args.layer
+                );
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    if args.layer != "memory://" && args.layer != "memory" {
+        eprintln!(
+            "canal: unsupported layer {:?} (this build has: memory://)",
+            args.layer
+        );
+        return ExitCode::from(2);
+    }
+    // Use every file descriptor the hard limit allows; the connection limit follows it.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::debug!(error = %e, "could not raise the open-file limit");
+    }
+    let mut config = ServerConfig::default();
+    config.max_message_size = args.max_message_size;
+    config.max_frame_size = args.max_frame_size;
+    config.ping_interval = Duration::from_secs(args.ping_interval);
+    config.ping_timeout = Duration::from_secs(args.ping_timeout);
+    config.header_timeout = Duration::from_secs(args.header_timeout);
+    config.accept_timeout = Duration::from_secs(args.accept_timeout);
+    config.http_idle_timeout = Duration::from_secs(args.http_idle_timeout);
+    config.max_body_size = args.max_body_size;
+    config.max_connections = args.max_connections;
+    config.max_outbound_bytes = args.max_outbound_bytes;
+    config.max_outbound_messages = args.max_outbound_messages;
+    config.overflow = args.overflow;
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
+    config.access_log = !args.no_access_log;
+
+    let listener = match tokio::net::TcpListener::bind(&args.bind).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("canal: cannot listen on {}: {e}", args.bind);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map_or(args.bind.clone(), |a| a.to_string());
+    let mut server = Server::new(demo::app()).with_config(config);
+    let handle = server.handle();
+    println!(
+        "canal serving on http://{addr}/ (chat page), ws://{addr}/ws/echo/ and ws://{addr}/ws/chat/{{room}}/ \
+         — in-memory layer, up to {} connections; Ctrl-C to stop",
+        handle.connection_limit()
+    );
+    match server.serve(listener, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("canal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

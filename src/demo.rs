@@ -1,0 +1,114 @@
+//! The app `canal serve` runs: the chat page, the demo endpoints and `/health`.
+//!
+//! These are ordinary consumers built with the public API, and their behaviour is a contract
+//! that benchmarks and other tools rely on:
+//!
+//! - `/ws/echo/` echoes every message verbatim (same opcode, same bytes, empty ones too);
+//! - `/ws/chat/{room}/` joins the group named exactly `{room}` and group-sends every message as
+//!   `{"type": "chat.message", "text" | "bytes": …}`; every member, sender included, gets it
+//!   verbatim. A room that is not a valid group name is refused before the upgrade with 400;
+//! - `/health` answers 200 `ok`;
+//! - `/` and `/chat/{room}/` serve the chat page; `/api/rooms` lists rooms with member counts.
+
+use crate::consumer::{Context, Frame, Rejection, Request, Response, WebsocketConsumer, http, ws};
+use crate::layer::check_group_name;
+use crate::message::Message;
+use crate::routing::path;
+use crate::scope::Scope;
+use crate::server::App;
+use crate::{Result, msg};
+
+/// The room list page.
+pub const INDEX_HTML: &str = include_str!("../static/index.html");
+/// The chat room page.
+pub const CHAT_HTML: &str = include_str!("../static/chat.html");
+
+/// Echoes every message back, unchanged.
+#[derive(Debug, Default)]
+pub struct Echo;
+
+impl WebsocketConsumer for Echo {
+    async fn receive(&mut self, cx: &mut Context, frame: Frame) -> Result<()> {
+        cx.send(frame).await
+    }
+}
+
+/// A chat room: every message goes to everyone in the room, verbatim.
+#[derive(Debug, Default)]
+pub struct ChatRoom {
+    room: String,
+}
+
+impl WebsocketConsumer for ChatRoom {
+    fn check(scope: &Scope) -> std::result::Result<(), Rejection> {
+        let room = scope
+            .param("room")
+            .map_err(|e| Rejection::new(400, e.to_string()))?;
+        check_group_name(room)
+            .map_err(|problem| Rejection::new(400, format!("invalid room name: {problem}")))
+    }
+
+    async fn connect(&mut self, cx: &mut Context) -> Result<()> {
+        self.room = cx.scope().param("room")?.to_owned();
+        cx.group_add(&self.room).await?;
+        cx.accept().await
+    }
+
+    async fn receive(&mut self, cx: &mut Context, frame: Frame) -> Result<()> {
+        let message = match frame {
+            Frame::Text(text) => msg! { "type": "chat.message", "text": text },
+            Frame::Binary(bytes) => msg! { "type": "chat.message", "bytes": bytes },
+        };
+        cx.group_send(&self.room, message).await
+    }
+
+    async fn event(&mut self, cx: &mut Context, event: Message) -> Result<()> {
+        if event.kind() != Some("chat.message") {
+            return Ok(());
+        }
+        if let Some(text) = event.text_value("text") {
+            cx.send_text(text.clone()).await
+        } else {
+            cx.send_binary(event.bytes("bytes")?.clone()).await
+        }
+    }
+
+    async fn disconnect(&mut self, cx: &mut Context, _code: u16) -> Result<()> {
+        if !self.room.is_empty() {
+            cx.group_discard(&self.room).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn rooms(_req: Request) -> Result<Response> {
+    let layer = crate::seed::current_layer();
+    let Some(sizes) = layer.and_then(|l| l.group_sizes()) else {
+        return Ok(Response::error(404, "this layer cannot list rooms"));
+    };
+    let rooms: Vec<_> = sizes
+        .into_iter()
+        .map(|(name, members)| serde_json::json!({ "name": name, "members": members }))
+        .collect();
+    Response::json(&serde_json::json!({ "rooms": rooms }))
+}
+
+/// The demo app: chat page, `/ws/echo/`, `/ws/chat/{room}/`, `/health`, `/api/rooms`.
+pub fn app() -> App {
+    App::new()
+        .websocket(path("/ws/echo/", ws(Echo::default)))
+        .websocket(path("/ws/chat/{room}/", ws(ChatRoom::default)))
+        .http(path(
+            "/health",
+            http(|_req: Request| async { Ok(Response::text("ok")) }),
+        ))
+        .http(path(
+            "/",
+            http(|_req: Request| async { Ok(Response::html(INDEX_HTML)) }),
+        ))
+        .http(path(
+            "/chat/{room}/",
+            http(|_req: Request| async { Ok(Response::html(CHAT_HTML)) }),
+        ))
+        .http(path("/api/rooms", http(rooms)))
+}

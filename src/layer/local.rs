@@ -1,0 +1,454 @@
+//! Process-local mailboxes: the reply channels of this process's connections.
+//!
+//! A mailbox is the receiving end of one process-local channel (`specific.<process>!<id>`). It is
+//! a bounded FIFO of shared [`Message`]s plus a waker, so a sender in any task hands a message to
+//! a connection with one lock and one wake, and a group send to N local members pushes N
+//! reference counts of one payload.
+//!
+//! Memory matters here: there is one mailbox per connection, so an idle mailbox owns no buffer
+//! (its queue is taken whole when drained) and its bookkeeping is a few words.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+use parking_lot::{Mutex, RwLock};
+use tokio::time::Instant;
+
+use crate::consumer::Command;
+use crate::layer::stats::{Counters, DropReason};
+use crate::message::Message;
+
+/// Number of registry shards; a power of two so the shard is a mask of the id.
+const SHARDS: usize = 32;
+
+/// A message waiting in a mailbox, with the moment it expires (milliseconds on the layer clock).
+pub(crate) struct Envelope {
+    pub(crate) message: Message,
+    pub(crate) expires_ms: u64,
+}
+
+/// Out-of-band signals the server raises on a connection's mailbox (ping due, shutdown …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Signal {
+    /// The keep-alive sweeper says a ping is due or a pong is overdue; the connection checks.
+    Tick = 1,
+    /// The server is shutting down: close with 1001.
+    Shutdown = 2,
+}
+
+/// Outcome of pushing into a mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// Queued; `expired` older messages were purged on the way.
+    Queued { expired: u64 },
+    /// The mailbox holds its capacity; nothing was queued.
+    Full { expired: u64 },
+    /// The receiving end is gone.
+    Closed,
+}
+
+/// The receiving end of one process-local channel.
+#[derive(Default)]
+struct Queues {
+    /// Layer messages addressed to this channel (bounded by `capacity`).
+    messages: VecDeque<Envelope>,
+    /// Socket commands from the owning consumer and its handles (bounded downstream by the
+    /// connection's outbound queue).
+    commands: VecDeque<Command>,
+}
+
+pub(crate) struct Mailbox {
+    queue: Mutex<Queues>,
+    waker: AtomicWaker,
+    capacity: u32,
+    signals: AtomicU8,
+    closed: AtomicBool,
+    /// Created by `new_channel()` rather than owned by a connection.
+    detached: bool,
+    /// Coarse activity stamp (seconds) kept by the owner, read by sweepers.
+    pub(crate) activity: AtomicU32,
+}
+
+impl Mailbox {
+    fn new(capacity: usize, detached: bool) -> Self {
+        Mailbox {
+            queue: Mutex::new(Queues::default()),
+            waker: AtomicWaker::new(),
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            signals: AtomicU8::new(0),
+            closed: AtomicBool::new(false),
+            detached,
+            activity: AtomicU32::new(0),
+        }
+    }
+
+    /// Queues a message unless full or closed, purging expired messages at the head first.
+    pub(crate) fn push(&self, message: Message, now_ms: u64, expires_ms: u64) -> Push {
+        if self.closed.load(Ordering::Acquire) {
+            return Push::Closed;
+        }
+        let outcome = {
+            let mut queues = self.queue.lock();
+            let queue = &mut queues.messages;
+            let expired = purge_expired(queue, now_ms);
+            if queue.len() >= self.capacity as usize {
+                Push::Full { expired }
+            } else {
+                queue.push_back(Envelope {
+                    message,
+                    expires_ms,
+                });
+                Push::Queued { expired }
+            }
+        };
+        if matches!(outcome, Push::Queued { .. }) {
+            self.waker.wake();
+        }
+        outcome
+    }
+
+    /// Takes every queued message (the queue's buffer goes with them, so an idle mailbox holds
+    /// none) and the number of expired ones that were dropped.
+    pub(crate) fn drain(&self, now_ms: u64) -> (VecDeque<Envelope>, u64) {
+        let mut queue = std::mem::take(&mut self.queue.lock().messages);
+        let expired = purge_expired(&mut queue, now_ms);
+        (queue, expired)
+    }
+
+    /// Queues a socket command for the owner; false once the mailbox is closed.
+    pub(crate) fn push_command(&self, command: Command) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.queue.lock().commands.push_back(command);
+        self.waker.wake();
+        true
+    }
+
+    /// Takes every queued command (with its buffer).
+    pub(crate) fn take_commands(&self) -> VecDeque<Command> {
+        std::mem::take(&mut self.queue.lock().commands)
+    }
+
+    /// Pops one live message, registering the waker when empty. Returns the expired count too.
+    pub(crate) fn poll_pop(&self, cx: &mut Context<'_>, now_ms: u64) -> (Poll<Message>, u64) {
+        let mut expired = 0;
+        for attempt in 0..2 {
+            {
+                let mut queues = self.queue.lock();
+                let queue = &mut queues.messages;
+                expired += purge_expired(queue, now_ms);
+                if let Some(env) = queue.pop_front() {
+                    if queue.is_empty() {
+                        *queue = VecDeque::new();
+                    }
+                    return (Poll::Ready(env.message), expired);
+                }
+            }
+            if attempt == 0 {
+                self.waker.register(cx.waker());
+            }
+        }
+        (Poll::Pending, expired)
+    }
+
+    /// Registers the task to wake on the next push or signal.
+    pub(crate) fn register(&self, cx: &mut Context<'_>) {
+        self.waker.register(cx.waker());
+    }
+
+    /// True when messages are waiting.
+    pub(crate) fn has_messages(&self) -> bool {
+        !self.queue.lock().messages.is_empty()
+    }
+
+    /// Raises a signal and wakes the owner.
+    pub(crate) fn raise(&self, signal: Signal) {
+        self.signals.fetch_or(signal as u8, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Takes the raised signals (bit set of [`Signal`]).
+    pub(crate) fn take_signals(&self) -> u8 {
+        self.signals.swap(0, Ordering::AcqRel)
+    }
+
+    /// Marks the channel dead (its socket is gone) before the inbox itself is dropped: pushes
+    /// and commands fail from now on.
+    pub(crate) fn close_early(&self) {
+        self.close();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        drop(std::mem::take(&mut *self.queue.lock()));
+        self.waker.wake();
+    }
+
+    /// True once the owner is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether an expired message is waiting at the head.
+    fn head_expired(&self, now_ms: u64) -> bool {
+        self.queue
+            .lock()
+            .messages
+            .front()
+            .is_some_and(|e| e.expires_ms <= now_ms)
+    }
+}
+
+fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
+    let mut n = 0;
+    while queue.front().is_some_and(|e| e.expires_ms <= now_ms) {
+        queue.pop_front();
+        n += 1;
+    }
+    n
+}
+
+struct Registry {
+    /// `specific.<process>!`: every local name starts with it.
+    prefix: Box<str>,
+    next_id: AtomicU64,
+    shards: Box<[RwLock<HashMap<u64, Arc<Mailbox>>>]>,
+    clock_base: Instant,
+    counters: Counters,
+}
+
+/// The registry of this process's local channels, shared by the layer and the server.
+///
+/// Names are `specific.<process>!<id in hex>`; the id indexes a sharded map, so resolving a name
+/// to its mailbox parses a number instead of hashing a string.
+#[derive(Clone)]
+pub struct LocalChannels {
+    inner: Arc<Registry>,
+}
+
+impl std::fmt::Debug for LocalChannels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalChannels")
+            .field("prefix", &self.inner.prefix)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl LocalChannels {
+    /// A registry whose names start with `specific.<process>!`.
+    pub fn new(process: &str) -> Self {
+        LocalChannels {
+            inner: Arc::new(Registry {
+                prefix: format!("specific.{process}!").into_boxed_str(),
+                next_id: AtomicU64::new(1),
+                shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+                clock_base: Instant::now(),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The prefix of every local name (`specific.<process>!`).
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Milliseconds on the layer clock (follows tokio's clock, so paused-time tests work).
+    pub(crate) fn now_ms(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.inner.clock_base)
+            .as_millis() as u64
+    }
+
+    fn shard(&self, id: u64) -> &RwLock<HashMap<u64, Arc<Mailbox>>> {
+        &self.inner.shards[(id as usize) & (SHARDS - 1)]
+    }
+
+    fn register(&self, capacity: usize, detached: bool) -> (u64, Arc<Mailbox>) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mailbox = Arc::new(Mailbox::new(capacity, detached));
+        self.shard(id).write().insert(id, mailbox.clone());
+        (id, mailbox)
+    }
+
+    /// Opens a mailbox owned by the returned [`Inbox`]; dropping the inbox closes it.
+    pub fn open(&self, capacity: usize) -> Inbox {
+        let (id, mailbox) = self.register(capacity, false);
+        Inbox {
+            id,
+            mailbox,
+            owner: self.clone(),
+        }
+    }
+
+    /// Opens a mailbox that lives in the registry until it is flushed or goes unused past
+    /// expiry (what `new_channel()` hands out); returns its name.
+    pub(crate) fn open_detached(&self, capacity: usize) -> String {
+        let (id, _) = self.register(capacity, true);
+        self.name_of(id)
+    }
+
+    /// The channel name of local id `id`.
+    pub fn name_of(&self, id: u64) -> String {
+        format!("{}{id:x}", self.inner.prefix)
+    }
+
+    /// The local id named by `name`, if it is one of this registry's names.
+    pub fn parse(&self, name: &str) -> Option<u64> {
+        let rest = name.strip_prefix(&*self.inner.prefix)?;
+        if rest.is_empty() || rest.len() > 16 || rest.starts_with('+') {
+            return None;
+        }
+        u64::from_str_radix(rest, 16).ok()
+    }
+
+    /// True when `name` is in this process's local namespace (whether or not it still exists).
+    pub fn is_local(&self, name: &str) -> bool {
+        name.starts_with(&*self.inner.prefix)
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<Arc<Mailbox>> {
+        self.shard(id).read().get(&id).cloned()
+    }
+
+    pub(crate) fn lookup(&self, name: &str) -> Option<Arc<Mailbox>> {
+        self.get(self.parse(name)?)
+    }
+
+    fn remove(&self, id: u64) {
+        self.shard(id).write().remove(&id);
+    }
+
+    /// Number of open local channels.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// True when no local channel is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` on every open mailbox (shard by shard; no lock is held while `f` runs on
+    /// another shard's entries).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u64, &Arc<Mailbox>)) {
+        let mut batch = Vec::new();
+        for shard in self.inner.shards.iter() {
+            batch.clear();
+            batch.extend(shard.read().iter().map(|(id, mb)| (*id, mb.clone())));
+            for (id, mailbox) in &batch {
+                f(*id, mailbox);
+            }
+        }
+    }
+
+    /// Removes detached mailboxes that are empty and were not read for `idle_secs` (coarse).
+    pub(crate) fn sweep_detached(&self, now_secs: u32, idle_secs: u32) {
+        for shard in self.inner.shards.iter() {
+            shard.write().retain(|_, mb| {
+                !(mb.detached
+                    && !mb.has_messages()
+                    && now_secs.saturating_sub(mb.activity.load(Ordering::Relaxed)) > idle_secs)
+            });
+        }
+    }
+
+    /// Ids of mailboxes whose oldest message expired unread.
+    pub(crate) fn expired_heads(&self, now_ms: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.for_each(|id, mb| {
+            if mb.head_expired(now_ms) {
+                out.push(id);
+            }
+        });
+        out
+    }
+
+    /// Empties every mailbox and forgets detached ones (flush). Connection mailboxes stay
+    /// registered: their connections are still alive.
+    pub(crate) fn clear(&self) {
+        for shard in self.inner.shards.iter() {
+            shard.write().retain(|_, mb| {
+                if mb.detached {
+                    mb.close();
+                    false
+                } else {
+                    drop(mb.drain(0));
+                    true
+                }
+            });
+        }
+    }
+
+    /// The drop counters shared with the layer that owns this registry.
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+}
+
+/// The owned receiving end of a local channel: a connection's reply channel.
+///
+/// Dropping it closes the mailbox and removes it from the registry; later sends to its name
+/// are counted as [`DropReason::NoReceiver`](crate::layer::DropReason::NoReceiver).
+pub struct Inbox {
+    id: u64,
+    mailbox: Arc<Mailbox>,
+    owner: LocalChannels,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").field("id", &self.id).finish()
+    }
+}
+
+impl Inbox {
+    /// The local id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The channel name (`specific.<process>!<id>`).
+    pub fn name(&self) -> String {
+        self.owner.name_of(self.id)
+    }
+
+    pub(crate) fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailbox
+    }
+
+    /// The registry this inbox belongs to.
+    pub fn registry(&self) -> &LocalChannels {
+        &self.owner
+    }
+
+    /// Waits for the next message. Cancel-safe: a message is taken only when returned.
+    pub async fn recv(&self) -> Message {
+        std::future::poll_fn(|cx| {
+            let (poll, expired) = self.mailbox.poll_pop(cx, self.owner.now_ms());
+            let name = if expired > 0 {
+                self.name()
+            } else {
+                String::new()
+            };
+            self.owner
+                .counters()
+                .drop(DropReason::Expired, expired, &name);
+            poll
+        })
+        .await
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.mailbox.close();
+        self.owner.remove(self.id);
+    }
+}

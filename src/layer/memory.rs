@@ -1,0 +1,571 @@
+//! The in-memory channel layer: the default, for one process.
+//!
+//! Named channels are FIFO queues with waiting receivers; process-local channels are the
+//! mailboxes of [`LocalChannels`]; groups map to their members with the time each joined. A
+//! group send takes a cached snapshot of its members' mailboxes under the lock, then pushes one
+//! shared [`Message`] to each with no lock held, so sending to N members costs N reference counts
+//! and N wakes, not N copies.
+//!
+//! Expiry is enforced on every push and pop, and a janitor task (started when the layer is built
+//! inside a Tokio runtime) sweeps every two seconds: expired messages are dropped and counted,
+//! and, as Channels requires, a channel whose message expired unread leaves all its groups.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::local::{Envelope, Mailbox, Push};
+use super::stats::{Counters, DropReason};
+use super::{
+    ChannelLayer, LayerConfig, LayerError, LayerStats, LocalChannels, check_outgoing, normalize,
+    validate_channel, validate_group,
+};
+use crate::message::Message;
+
+/// How often the janitor sweeps expired messages and memberships.
+const JANITOR_PERIOD: Duration = Duration::from_secs(2);
+
+/// A channel layer that lives in this process's memory (Channels' `InMemoryChannelLayer`,
+/// without its bugs: capacity overrides work, and drops are counted).
+#[derive(Clone)]
+pub struct MemoryLayer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLayer")
+            .field("local", &self.inner.local)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: LayerConfig,
+    local: LocalChannels,
+    named: Mutex<HashMap<Box<str>, Named>>,
+    groups: Mutex<HashMap<Box<str>, Group>>,
+}
+
+struct Named {
+    queue: VecDeque<Envelope>,
+    notify: Arc<Notify>,
+    capacity: usize,
+    /// Receivers waiting right now; the entry is kept while any wait on its `notify`.
+    waiters: usize,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Member {
+    /// A mailbox of this process, by id (no name string kept per membership).
+    Local(u64),
+    /// Any other channel, by name.
+    Named(Arc<str>),
+}
+
+enum Target {
+    Local(u64, Arc<Mailbox>),
+    Named(Arc<str>),
+}
+
+#[derive(Default)]
+struct Group {
+    /// Member → moment of its latest `group_add` (layer clock, ms).
+    members: HashMap<Member, u64>,
+    /// Resolved delivery targets, rebuilt after membership changes.
+    targets: Option<Arc<[Target]>>,
+}
+
+impl Default for MemoryLayer {
+    fn default() -> Self {
+        MemoryLayer::new(LayerConfig::default())
+    }
+}
+
+impl MemoryLayer {
+    /// A memory layer with `config`. Inside a Tokio runtime this also starts the janitor, which
+    /// stops when the last clone of the layer is dropped.
+    pub fn new(config: LayerConfig) -> Self {
+        let process: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(12)
+            .collect();
+        let layer = MemoryLayer {
+            inner: Arc::new(Inner {
+                config,
+                local: LocalChannels::new(&format!("inmemory.{process}")),
+                named: Mutex::new(HashMap::new()),
+                groups: Mutex::new(HashMap::new()),
+            }),
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(janitor(Arc::downgrade(&layer.inner)));
+        }
+        layer
+    }
+
+    /// The layer's settings.
+    pub fn config(&self) -> &LayerConfig {
+        &self.inner.config
+    }
+
+    /// Group names with their member counts (for dashboards and room lists).
+    pub fn group_sizes(&self) -> Vec<(String, usize)> {
+        let groups = self.inner.groups.lock();
+        let mut out: Vec<_> = groups
+            .iter()
+            .map(|(name, g)| (name.to_string(), g.members.len()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Runs one janitor pass now (the janitor task does this every two seconds).
+    pub fn sweep(&self) {
+        self.inner.sweep();
+    }
+}
+
+impl Inner {
+    fn counters(&self) -> &Counters {
+        self.local.counters()
+    }
+
+    fn expiry_ms(&self) -> u64 {
+        self.config.expiry.as_millis() as u64
+    }
+
+    fn member_of(&self, channel: &str) -> Member {
+        match self.local.parse(channel) {
+            Some(id) => Member::Local(id),
+            None => Member::Named(Arc::from(channel)),
+        }
+    }
+
+    fn channel_of(&self, member: &Member) -> String {
+        match member {
+            Member::Local(id) => self.local.name_of(*id),
+            Member::Named(name) => name.to_string(),
+        }
+    }
+
+    /// Pushes to a named channel; returns whether it was queued (false: full).
+    fn push_named(&self, name: &str, message: Message, now: u64) -> bool {
+        let mut expired = 0;
+        let queued = {
+            let mut named = self.named.lock();
+            let entry = match named.get_mut(name) {
+                Some(entry) => entry,
+                None => named.entry(Box::from(name)).or_insert_with(|| Named {
+                    queue: VecDeque::new(),
+                    notify: Arc::new(Notify::new()),
+                    capacity: self.config.capacity_for(name),
+                    waiters: 0,
+                }),
+            };
+            while entry.queue.front().is_some_and(|e| e.expires_ms <= now) {
+                entry.queue.pop_front();
+                expired += 1;
+            }
+            if entry.queue.len() >= entry.capacity {
+                false
+            } else {
+                entry.queue.push_back(Envelope {
+                    message,
+                    expires_ms: now + self.expiry_ms(),
+                });
+                entry.notify.notify_one();
+                true
+            }
+        };
+        if expired > 0 {
+            self.counters().drop(DropReason::Expired, expired, name);
+            self.remove_from_groups(&Member::Named(Arc::from(name)));
+        }
+        queued
+    }
+
+    fn push_local(&self, id: u64, mailbox: &Mailbox, message: Message, now: u64) -> Push {
+        let outcome = mailbox.push(message, now, now + self.expiry_ms());
+        let expired = match outcome {
+            Push::Queued { expired } | Push::Full { expired } => expired,
+            Push::Closed => 0,
+        };
+        if expired > 0 {
+            let name = self.local.name_of(id);
+            self.counters().drop(DropReason::Expired, expired, &name);
+            self.remove_from_groups(&Member::Local(id));
+        }
+        outcome
+    }
+
+    fn remove_from_groups(&self, member: &Member) {
+        let mut groups = self.groups.lock();
+        let mut removed = 0;
+        groups.retain(|_, group| {
+            if group.members.remove(member).is_some() {
+                group.targets = None;
+                removed += 1;
+            }
+            !group.members.is_empty()
+        });
+        if removed > 0 {
+            self.counters()
+                .memberships_expired
+                .fetch_add(removed, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn sweep(&self) {
+        let now = self.local.now_ms();
+        // Named channels: drop expired messages; each such channel leaves its groups.
+        let mut expired_channels = Vec::new();
+        {
+            let mut named = self.named.lock();
+            named.retain(|name, ch| {
+                let mut n = 0;
+                while ch.queue.front().is_some_and(|e| e.expires_ms <= now) {
+                    ch.queue.pop_front();
+                    n += 1;
+                }
+                if n > 0 {
+                    expired_channels.push((name.to_string(), n));
+                }
+                !(ch.queue.is_empty() && ch.waiters == 0)
+            });
+        }
+        for (name, n) in expired_channels {
+            self.counters().drop(DropReason::Expired, n, &name);
+            self.remove_from_groups(&Member::Named(Arc::from(name.as_str())));
+        }
+        // Local mailboxes whose oldest message expired unread (a stuck consumer).
+        for id in self.local.expired_heads(now) {
+            if let Some(mailbox) = self.local.get(id) {
+                let (live, expired) = mailbox.drain(now);
+                // Put the live ones back in order; nothing else can have been popped meanwhile
+                // except by the owner, which only ever takes from the front.
+                for env in live {
+                    let _ = mailbox.push(env.message, now, env.expires_ms);
+                }
+                self.counters()
+                    .drop(DropReason::Expired, expired, &self.local.name_of(id));
+            }
+            self.remove_from_groups(&Member::Local(id));
+        }
+        // Group memberships past group_expiry.
+        let group_expiry = self.config.group_expiry.as_millis() as u64;
+        let mut removed = 0u64;
+        self.groups.lock().retain(|_, group| {
+            let before = group.members.len();
+            group
+                .members
+                .retain(|_, joined| joined.saturating_add(group_expiry) > now);
+            if group.members.len() != before {
+                removed += (before - group.members.len()) as u64;
+                group.targets = None;
+            }
+            !group.members.is_empty()
+        });
+        if removed > 0 {
+            self.counters()
+                .memberships_expired
+                .fetch_add(removed, std::sync::atomic::Ordering::Relaxed);
+        }
+        let expiry_secs = u32::try_from(self.config.expiry.as_secs()).unwrap_or(u32::MAX);
+        self.local
+            .sweep_detached((now / 1000) as u32, expiry_secs.saturating_mul(2));
+    }
+}
+
+async fn janitor(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(JANITOR_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match inner.upgrade() {
+            Some(inner) => inner.sweep(),
+            None => return,
+        }
+    }
+}
+
+#[async_trait]
+impl ChannelLayer for MemoryLayer {
+    async fn send(&self, channel: &str, message: Message) -> Result<(), LayerError> {
+        validate_channel(channel)?;
+        check_outgoing(&message)?;
+        let message = normalize(message);
+        let inner = &self.inner;
+        let now = inner.local.now_ms();
+        if let Some(id) = inner.local.parse(channel) {
+            let Some(mailbox) = inner.local.get(id) else {
+                inner.counters().drop(DropReason::NoReceiver, 1, channel);
+                return Ok(());
+            };
+            return match inner.push_local(id, &mailbox, message, now) {
+                Push::Queued { .. } => {
+                    inner
+                        .counters()
+                        .sent
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(())
+                }
+                Push::Full { .. } => {
+                    inner.counters().drop(DropReason::ChannelFull, 1, channel);
+                    Err(LayerError::ChannelFull(channel.to_owned()))
+                }
+                Push::Closed => {
+                    inner.counters().drop(DropReason::NoReceiver, 1, channel);
+                    Ok(())
+                }
+            };
+        }
+        if inner.push_named(channel, message, now) {
+            inner
+                .counters()
+                .sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        } else {
+            inner.counters().drop(DropReason::ChannelFull, 1, channel);
+            Err(LayerError::ChannelFull(channel.to_owned()))
+        }
+    }
+
+    async fn receive(&self, channel: &str) -> Result<Message, LayerError> {
+        validate_channel(channel)?;
+        let inner = &self.inner;
+        if inner.local.is_local(channel) {
+            let mailbox = inner
+                .local
+                .lookup(channel)
+                .ok_or_else(|| LayerError::NotLocal(channel.to_owned()))?;
+            let message = std::future::poll_fn(|cx| {
+                let now = inner.local.now_ms();
+                mailbox
+                    .activity
+                    .store((now / 1000) as u32, std::sync::atomic::Ordering::Relaxed);
+                let (poll, expired) = mailbox.poll_pop(cx, now);
+                inner.counters().drop(DropReason::Expired, expired, channel);
+                poll
+            })
+            .await;
+            return Ok(message);
+        }
+        loop {
+            let notify = {
+                let now = inner.local.now_ms();
+                let mut named = inner.named.lock();
+                let entry = named.entry(Box::from(channel)).or_insert_with(|| Named {
+                    queue: VecDeque::new(),
+                    notify: Arc::new(Notify::new()),
+                    capacity: inner.config.capacity_for(channel),
+                    waiters: 0,
+                });
+                let mut expired = 0;
+                while entry.queue.front().is_some_and(|e| e.expires_ms <= now) {
+                    entry.queue.pop_front();
+                    expired += 1;
+                }
+                if expired > 0 {
+                    inner.counters().drop(DropReason::Expired, expired, channel);
+                }
+                if let Some(env) = entry.queue.pop_front() {
+                    if !entry.queue.is_empty() {
+                        // Pass the turn on: another waiter may take the next one.
+                        entry.notify.notify_one();
+                    }
+                    return Ok(env.message);
+                }
+                entry.waiters += 1;
+                entry.notify.clone()
+            };
+            let _guard = WaiterGuard { inner, channel };
+            notify.notified().await;
+        }
+    }
+
+    async fn new_channel(&self) -> Result<String, LayerError> {
+        let capacity = self.inner.config.capacity_for(self.inner.local.prefix());
+        Ok(self.inner.local.open_detached(capacity))
+    }
+
+    async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group(group)?;
+        validate_channel(channel)?;
+        let inner = &self.inner;
+        let member = inner.member_of(channel);
+        let now = inner.local.now_ms();
+        let mut groups = inner.groups.lock();
+        let entry = match groups.get_mut(group) {
+            Some(entry) => entry,
+            None => groups.entry(Box::from(group)).or_default(),
+        };
+        if entry.members.insert(member, now).is_none() {
+            entry.targets = None;
+        }
+        Ok(())
+    }
+
+    async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group(group)?;
+        validate_channel(channel)?;
+        let inner = &self.inner;
+        let member = inner.member_of(channel);
+        let mut groups = inner.groups.lock();
+        if let Some(entry) = groups.get_mut(group) {
+            if entry.members.remove(&member).is_some() {
+                entry.targets = None;
+            }
+            if entry.members.is_empty() {
+                groups.remove(group);
+            }
+        }
+        Ok(())
+    }
+
+    async fn group_send(&self, group: &str, message: Message) -> Result<(), LayerError> {
+        validate_group(group)?;
+        check_outgoing(&message)?;
+        let message = normalize(message);
+        let inner = &self.inner;
+        inner
+            .counters()
+            .group_sends
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = inner.local.now_ms();
+        let group_expiry = inner.config.group_expiry.as_millis() as u64;
+        let targets = {
+            let mut groups = inner.groups.lock();
+            let Some(entry) = groups.get_mut(group) else {
+                return Ok(());
+            };
+            let before = entry.members.len();
+            entry
+                .members
+                .retain(|_, joined| joined.saturating_add(group_expiry) > now);
+            if entry.members.len() != before {
+                entry.targets = None;
+                inner.counters().memberships_expired.fetch_add(
+                    (before - entry.members.len()) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            match &entry.targets {
+                Some(targets) => targets.clone(),
+                None => {
+                    let mut dead = Vec::new();
+                    let mut targets = Vec::with_capacity(entry.members.len());
+                    for member in entry.members.keys() {
+                        match member {
+                            Member::Local(id) => match inner.local.get(*id) {
+                                Some(mb) => targets.push(Target::Local(*id, mb)),
+                                None => dead.push(member.clone()),
+                            },
+                            Member::Named(name) => targets.push(Target::Named(name.clone())),
+                        }
+                    }
+                    for member in dead {
+                        entry.members.remove(&member);
+                    }
+                    let targets: Arc<[Target]> = targets.into();
+                    entry.targets = Some(targets.clone());
+                    if entry.members.is_empty() {
+                        groups.remove(group);
+                    }
+                    targets
+                }
+            }
+        };
+        let mut delivered = 0u64;
+        let mut full = 0u64;
+        let mut gone = Vec::new();
+        for target in targets.iter() {
+            match target {
+                Target::Local(id, mailbox) => {
+                    match inner.push_local(*id, mailbox, message.clone(), now) {
+                        Push::Queued { .. } => delivered += 1,
+                        Push::Full { .. } => full += 1,
+                        Push::Closed => gone.push(Member::Local(*id)),
+                    }
+                }
+                Target::Named(name) => {
+                    if inner.push_named(name, message.clone(), now) {
+                        delivered += 1;
+                    } else {
+                        full += 1;
+                    }
+                }
+            }
+        }
+        inner
+            .counters()
+            .group_deliveries
+            .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+        if full > 0 {
+            inner.counters().drop(DropReason::ChannelFull, full, group);
+            tracing::debug!(group, full, "group_send skipped full members");
+        }
+        if !gone.is_empty() {
+            let names: Vec<_> = gone.iter().map(|m| inner.channel_of(m)).collect();
+            inner
+                .counters()
+                .drop(DropReason::NoReceiver, gone.len() as u64, group);
+            tracing::debug!(
+                group,
+                ?names,
+                "group members whose channel closed were removed"
+            );
+            for member in gone {
+                inner.remove_from_groups(&member);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), LayerError> {
+        self.inner.named.lock().clear();
+        self.inner.groups.lock().clear();
+        self.inner.local.clear();
+        Ok(())
+    }
+
+    fn local(&self) -> &LocalChannels {
+        &self.inner.local
+    }
+
+    fn new_inbox(&self) -> super::Inbox {
+        let capacity = self.inner.config.capacity_for(self.inner.local.prefix());
+        self.inner.local.open(capacity)
+    }
+
+    fn group_sizes(&self) -> Option<Vec<(String, usize)>> {
+        Some(MemoryLayer::group_sizes(self))
+    }
+
+    fn stats(&self) -> LayerStats {
+        self.inner.counters().snapshot()
+    }
+}
+
+/// Keeps a named channel's entry alive while a receiver waits on it, and lets it go after.
+struct WaiterGuard<'a> {
+    inner: &'a Inner,
+    channel: &'a str,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        let mut named = self.inner.named.lock();
+        if let Some(entry) = named.get_mut(self.channel) {
+            entry.waiters = entry.waiters.saturating_sub(1);
+            if entry.waiters == 0 && entry.queue.is_empty() {
+                named.remove(self.channel);
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Server settings, with defaults that match daphne where daphne has one.
+
+use std::time::Duration;
+
+/// What happens when a client does not read fast enough and its outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OverflowPolicy {
+    /// Close the connection with 1008 (the default: a client that cannot keep up learns it).
+    #[default]
+    Close,
+    /// Drop the oldest queued message that has not started going out.
+    DropOldest,
+    /// Drop the message that did not fit.
+    DropNewest,
+}
+
+impl std::str::FromStr for OverflowPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "close" => Ok(OverflowPolicy::Close),
+            "drop-oldest" => Ok(OverflowPolicy::DropOldest),
+            "drop-newest" => Ok(OverflowPolicy::DropNewest),
+            other => Err(format!(
+                "unknown overflow policy {other:?} (use close, drop-oldest or drop-newest)"
+            )),
+        }
+    }
+}
+
+/// Server settings. Build with [`ServerConfig::default`] and the `with_*` methods.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Send a ping after this long without hearing from a client (daphne: 20 s).
+    pub ping_interval: Duration,
+    /// Drop a client that has not answered a ping after this long (daphne: 30 s).
+    pub ping_timeout: Duration,
+    /// Time a client has to send its request headers (slowloris guard).
+    pub header_timeout: Duration,
+    /// Time a consumer has to accept or deny a WebSocket before the handshake gets 403.
+    pub accept_timeout: Duration,
+    /// Largest reassembled WebSocket message, in bytes (daphne 4.2.2: 1 MiB).
+    pub max_message_size: usize,
+    /// Largest single WebSocket frame payload, in bytes (daphne 4.2.2: 1 MiB).
+    pub max_frame_size: usize,
+    /// Close an HTTP keep-alive connection after this long without a request.
+    pub http_idle_timeout: Duration,
+    /// Largest plain HTTP request body, in bytes (413 beyond).
+    pub max_body_size: usize,
+    /// Most connections served at once; `None` derives it from the open-file limit.
+    pub max_connections: Option<usize>,
+    /// Bytes queued towards one client before the overflow policy applies.
+    pub max_outbound_bytes: usize,
+    /// Messages queued towards one client before the overflow policy applies.
+    pub max_outbound_messages: usize,
+    /// What to do when a client's outbound queue is full.
+    pub overflow: OverflowPolicy,
+    /// Client messages queued for a busy consumer before the server stops reading the socket.
+    pub max_pending_events: usize,
+    /// How long to wait for the client's answer to our close frame.
+    pub close_timeout: Duration,
+    /// How long handlers get to finish after a connection closes (daphne: 10 s).
+    pub app_close_timeout: Duration,
+    /// How long shutdown waits for connections to finish before giving up on them.
+    pub shutdown_grace: Duration,
+    /// Log one line per request, WebSocket connect and disconnect.
+    pub access_log: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(5),
+            accept_timeout: Duration::from_secs(5),
+            max_message_size: 1 << 20,
+            max_frame_size: 1 << 20,
+            http_idle_timeout: Duration::from_secs(5),
+            max_body_size: 1 << 20,
+            max_connections: None,
+            max_outbound_bytes: 1 << 20,
+            max_outbound_messages: 1024,
+            overflow: OverflowPolicy::Close,
+            max_pending_events: 64,
+            close_timeout: Duration::from_secs(5),
+            app_close_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            access_log: true,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The connection limit in force: the configured one, or the open-file limit minus a
+    /// reserve for the listener, log files, Redis connections and the like.
+    pub fn connection_limit(&self) -> usize {
+        self.max_connections
+            .unwrap_or_else(default_connection_limit)
+    }
+}
+
+/// Open files the server keeps for itself when deriving the connection limit.
+const FD_RESERVE: u64 = 64;
+
+/// The soft `RLIMIT_NOFILE` minus a reserve (1024 if it cannot be read).
+pub fn default_connection_limit() -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _hard)) if soft != rlimit::INFINITY => {
+            soft.saturating_sub(FD_RESERVE).max(16) as usize
+        }
+        _ => 1024,
+    }
+}

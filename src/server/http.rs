@@ -1,0 +1,469 @@
+//! The HTTP side: one hyper connection per TCP connection, routing of plain requests to HTTP
+//! consumers, and validation of WebSocket upgrades before a consumer sees them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::ws::conn::{Conn, Decision, Upgraded, decide, finish_upgrade, fmt_peer};
+use super::{ConnGuard, Shared, coarse_secs};
+use crate::consumer::{Context, Request, WebsocketEndpoint};
+use crate::scope::{Scope, ScopeKind};
+
+type Body = Full<Bytes>;
+
+/// Largest request head hyper buffers (request line + headers).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// GUID from RFC 6455 §1.3 for the `Sec-WebSocket-Accept` digest.
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+fn plain(status: u16, text: &str) -> hyper::Response<Body> {
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(format!("{text}\n"))));
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Answers 503 to a connection over the limit, then closes it.
+pub(crate) async fn refuse_busy(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        stream.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\n\r\nserver at connection limit",
+        ),
+    )
+    .await;
+}
+
+/// Requests in flight and the last moment one ended, for the keep-alive idle timeout.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    last: AtomicU32,
+}
+
+/// Serves one TCP connection with hyper until it closes, is idle too long, or the server stops.
+pub(crate) async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Activity::default());
+    activity.last.store(coarse_secs(), Ordering::Relaxed);
+    let svc = {
+        let shared = shared.clone();
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let shared = shared.clone();
+            let activity = activity.clone();
+            async move {
+                activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                let resp = handle(&shared, peer, req).await;
+                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+                activity.last.store(coarse_secs(), Ordering::Relaxed);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(MAX_HEAD);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let idle = shared.config.http_idle_timeout;
+    let mut check = tokio::time::interval(idle.max(std::time::Duration::from_millis(100)) / 2);
+    check.tick().await;
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                break;
+            }
+            () = shared.shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = check.tick(), if !shutting_down => {
+                let quiet = coarse_secs().saturating_sub(activity.last.load(Ordering::Relaxed));
+                if activity.in_flight.load(Ordering::Relaxed) == 0 && quiet as u64 >= idle.as_secs() {
+                    shutting_down = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+    drop(guard);
+}
+
+/// Routes one request: WebSocket upgrade or plain HTTP.
+async fn handle(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Body> {
+    let raw_path = req.uri().path().to_owned();
+    let Ok(path) = percent_encoding::percent_decode_str(&raw_path).decode_utf8() else {
+        return plain(400, "path is not valid UTF-8");
+    };
+    let path = path.into_owned();
+    let is_upgrade = req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+        });
+    if is_upgrade {
+        let resp = upgrade(shared, peer, &path, req).await;
+        let status = resp.status().as_u16();
+        if status != 101 {
+            shared
+                .stats
+                .websocket_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            if shared.config.access_log {
+                tracing::info!(target: "canal::access", "{peer} - - \"WSREJECT {path}\" {status}");
+            }
+        }
+        return resp;
+    }
+    shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+    let method = req.method().clone();
+    let resp = plain_http(shared, peer, &path, req).await;
+    if shared.config.access_log {
+        let size = hyper::body::Body::size_hint(resp.body())
+            .exact()
+            .unwrap_or(0);
+        tracing::info!(
+            target: "canal::access",
+            "{peer} - - \"{method} {path}\" {} {size}",
+            resp.status().as_u16()
+        );
+    }
+    resp
+}
+
+async fn plain_http(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    path: &str,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Body> {
+    let Some(found) = shared.app.http.resolve(path) else {
+        if shared.app.websocket.resolve(path).is_some() {
+            let mut resp = plain(426, "this path speaks WebSocket");
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            return resp;
+        }
+        return plain(404, "Not Found");
+    };
+    let endpoint = found.endpoint.clone();
+    let mut scope = Scope::new(
+        ScopeKind::Http,
+        req.method().clone(),
+        path,
+        req.uri().query().unwrap_or(""),
+        req.headers(),
+        Some(peer),
+    );
+    scope.set_params(&found.params);
+    let body = match Limited::new(req.into_body(), shared.config.max_body_size)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return plain(413, "request body too large");
+        }
+        Err(_) => return plain(400, "could not read the request body"),
+    };
+    let call =
+        crate::seed::with_layer(shared.layer.clone(), endpoint.call(Request { scope, body }));
+    let outcome = AssertUnwindSafe(call).catch_unwind().await;
+    let response = match outcome {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            tracing::error!(path, error = %e, "HTTP consumer failed");
+            shared.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+            return plain(500, "Internal Server Error");
+        }
+        Err(_) => {
+            tracing::error!(path, "HTTP consumer panicked");
+            shared.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+            return plain(500, "Internal Server Error");
+        }
+    };
+    let mut resp = hyper::Response::new(Full::new(response.body));
+    match hyper::StatusCode::from_u16(response.status) {
+        Ok(status) => *resp.status_mut() = status,
+        Err(_) => {
+            tracing::error!(
+                path,
+                status = response.status,
+                "HTTP consumer returned an invalid status"
+            );
+            return plain(500, "Internal Server Error");
+        }
+    }
+    for (name, value) in &response.headers {
+        match (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                resp.headers_mut().append(name, value);
+            }
+            _ => {
+                tracing::error!(
+                    path,
+                    header = name,
+                    "HTTP consumer returned an invalid header"
+                );
+                return plain(500, "Internal Server Error");
+            }
+        }
+    }
+    resp
+}
+
+fn header_has_token(req: &hyper::Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// `Sec-WebSocket-Accept` for a client key (RFC 6455 §4.2.2).
+pub(crate) fn accept_key(key: &[u8]) -> String {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key);
+    sha.update(WS_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
+}
+
+/// Validates an upgrade request (RFC 6455 §4.2.1), routes it, runs the consumer's `connect`
+/// in a connection task and answers with what it decided.
+async fn upgrade(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    path: &str,
+    mut req: hyper::Request<Incoming>,
+) -> hyper::Response<Body> {
+    if req.method() != hyper::Method::GET {
+        return plain(400, "WebSocket upgrade requires GET");
+    }
+    if req.version() != hyper::Version::HTTP_11 {
+        return plain(400, "WebSocket upgrade requires HTTP/1.1");
+    }
+    if !header_has_token(&req, header::CONNECTION, "upgrade") {
+        return plain(400, "WebSocket upgrade requires 'Connection: Upgrade'");
+    }
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    if !version_ok {
+        let mut resp = plain(426, "unsupported WebSocket version (use 13)");
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return resp;
+    }
+    let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
+        Some(key)
+            if base64::engine::general_purpose::STANDARD
+                .decode(key.as_bytes())
+                .is_ok_and(|k| k.len() == 16) =>
+        {
+            key.as_bytes().to_vec()
+        }
+        _ => return plain(400, "missing or invalid Sec-WebSocket-Key"),
+    };
+    let Some(found) = shared.app.websocket.resolve(path) else {
+        return plain(404, "Not Found");
+    };
+    if shared.shutdown.is_cancelled() {
+        return plain(503, "server shutting down");
+    }
+    let endpoint = found.endpoint.clone();
+    let mut scope = Scope::new(
+        ScopeKind::WebSocket,
+        hyper::Method::GET,
+        path,
+        req.uri().query().unwrap_or(""),
+        req.headers(),
+        Some(peer),
+    );
+    scope.set_params(&found.params);
+    if let Err(rejection) = endpoint.factory.check(&scope) {
+        return plain(rejection.status, &rejection.message);
+    }
+    let offered: Vec<String> = scope.subprotocols().map(str::to_owned).collect();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
+    let (tx, rx) = oneshot::channel();
+    let guard = ConnGuard::new(shared);
+    shared.tracker.spawn(websocket_task(
+        shared.clone(),
+        endpoint,
+        Arc::new(scope),
+        on_upgrade,
+        tx,
+        guard,
+    ));
+    let decision = rx.await.unwrap_or(Decision::Reject(500));
+    match decision {
+        Decision::Reject(status) => plain(status, reject_text(status)),
+        Decision::Accept {
+            subprotocol,
+            headers,
+        } => {
+            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            if let Ok(v) = HeaderValue::from_str(&accept_key(&key)) {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+            if let Some(p) = subprotocol {
+                if offered.iter().any(|o| *o == p)
+                    && let Ok(v) = HeaderValue::from_str(&p)
+                {
+                    h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+                } else {
+                    tracing::warn!(
+                        subprotocol = p,
+                        "consumer selected a subprotocol the client did not offer; ignored"
+                    );
+                }
+            }
+            for (name, value) in headers {
+                if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+                    continue;
+                }
+                if let (Ok(n), Ok(v)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    h.append(n, v);
+                }
+            }
+            resp
+        }
+    }
+}
+
+fn reject_text(status: u16) -> &'static str {
+    match status {
+        403 => "Forbidden",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Rejected",
+    }
+}
+
+/// The life of one WebSocket: handshake, upgrade, open loop, cleanup.
+async fn websocket_task(
+    shared: Arc<Shared>,
+    endpoint: WebsocketEndpoint,
+    scope: Arc<Scope>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    tx: oneshot::Sender<Decision>,
+    guard: ConnGuard,
+) {
+    let inbox = shared.layer.new_inbox();
+    let cx = Context {
+        mailbox: inbox.mailbox().clone(),
+        id: inbox.id(),
+        scope: scope.clone(),
+        layer: shared.layer.clone(),
+        tasks: Vec::new(),
+    };
+    let consumer = endpoint.factory.make(cx);
+    drop(endpoint);
+    let mut conn = Conn::new(shared.clone(), scope.clone(), inbox, consumer);
+    let joined = conn.declared_groups();
+    let channel = conn.channel_name();
+    for group in &joined {
+        if let Err(e) = shared.layer.group_add(group, &channel).await {
+            tracing::error!(group, error = %e, "could not join a declared group");
+            decide(tx, Decision::Reject(500));
+            conn.finish(joined).await;
+            return;
+        }
+    }
+    let peer = fmt_peer(scope.client());
+    if shared.config.access_log {
+        tracing::debug!(target: "canal::access", "{peer} - - \"WSCONNECTING {}\" -", scope.path());
+    }
+    let decision = conn.handshake().await;
+    let accepted = matches!(decision, Decision::Accept { .. });
+    if !decide(tx, decision) || !accepted {
+        conn.finish(joined).await;
+        return;
+    }
+    match finish_upgrade(on_upgrade).await {
+        None => {}
+        Some(Upgraded::Tcp(mut stream, early)) => {
+            shared
+                .stats
+                .websocket_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            if shared.config.access_log {
+                tracing::info!(target: "canal::access", "{peer} - - \"WSCONNECT {}\" -", scope.path());
+            }
+            conn.feed_early(&early);
+            drop(early);
+            if shared.shutdown.is_cancelled() {
+                // Shutdown raced the handshake: the loop sends 1001 and ends.
+                conn.shutdown_now();
+            }
+            conn.run(&mut stream).await;
+        }
+        Some(Upgraded::Other(mut io)) => {
+            shared
+                .stats
+                .websocket_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            conn.run(&mut io).await;
+        }
+    }
+    conn.finish(joined).await;
+    drop(guard);
+}

@@ -1,0 +1,320 @@
+//! The server: one port for HTTP and WebSocket, the accept loop, limits and shutdown.
+//!
+//! [`Server::serve`] takes a bound listener and a shutdown future, so tests bind port 0 and end
+//! the server when they like. Each TCP connection is served by hyper (HTTP/1.1, keep-alive,
+//! header timeout); a WebSocket upgrade hands the raw socket to a connection task of our own
+//! ([`ws::conn`]) and hyper lets go of it.
+
+pub mod config;
+mod http;
+mod stats;
+pub(crate) mod ws;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{OverflowPolicy, ServerConfig};
+pub use stats::ServerStats;
+
+use crate::consumer::{HttpEndpoint, Layer, WebsocketEndpoint};
+use crate::layer::{MemoryLayer, Signal};
+use crate::routing::{Route, Router};
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The listener could not be used.
+    #[error("listener error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// The application: what runs for HTTP requests and for WebSocket connections, routed by path
+/// (Channels' `ProtocolTypeRouter` of two `URLRouter`s).
+#[derive(Default)]
+pub struct App {
+    pub(crate) http: Router<HttpEndpoint>,
+    pub(crate) websocket: Router<WebsocketEndpoint>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("http", &self.http)
+            .field("websocket", &self.websocket)
+            .finish()
+    }
+}
+
+impl App {
+    /// An app with no routes (everything answers 404).
+    pub fn new() -> Self {
+        App::default()
+    }
+
+    /// Adds a WebSocket route (tried in the order added).
+    pub fn websocket(mut self, route: Route<WebsocketEndpoint>) -> Self {
+        self.websocket.push(route);
+        self
+    }
+
+    /// Adds an HTTP route (tried in the order added).
+    pub fn http(mut self, route: Route<HttpEndpoint>) -> Self {
+        self.http.push(route);
+        self
+    }
+
+    /// Replaces the WebSocket router.
+    pub fn websocket_router(mut self, router: Router<WebsocketEndpoint>) -> Self {
+        self.websocket = router;
+        self
+    }
+
+    /// Replaces the HTTP router.
+    pub fn http_router(mut self, router: Router<HttpEndpoint>) -> Self {
+        self.http = router;
+        self
+    }
+}
+
+/// State shared by every connection task of one server.
+pub(crate) struct Shared {
+    pub(crate) app: App,
+    pub(crate) config: ServerConfig,
+    pub(crate) layer: Layer,
+    pub(crate) stats: stats::Counters,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) connections: AtomicUsize,
+    pub(crate) limit: usize,
+}
+
+/// Counts a live connection; dropping it frees the slot.
+pub(crate) struct ConnGuard {
+    shared: Arc<Shared>,
+}
+
+impl ConnGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        ConnGuard {
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Seconds since the process started, on a coarse clock (used for keep-alive bookkeeping).
+pub(crate) fn coarse_secs() -> u32 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_secs() as u32
+}
+
+/// A server ready to run: an app, a layer and settings.
+pub struct Server {
+    app: App,
+    config: ServerConfig,
+    layer: Option<Layer>,
+    stats: Option<Arc<Shared>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("app", &self.app)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A view of a running server, for tests, dashboards and metrics.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// Counters of the server.
+    pub fn stats(&self) -> ServerStats {
+        self.shared
+            .stats
+            .snapshot(self.shared.connections.load(Ordering::Relaxed))
+    }
+
+    /// The channel layer the server runs with.
+    pub fn layer(&self) -> &Layer {
+        &self.shared.layer
+    }
+
+    /// The connection limit in force.
+    pub fn connection_limit(&self) -> usize {
+        self.shared.limit
+    }
+}
+
+impl Server {
+    /// A server for `app` with the in-memory layer and default settings.
+    pub fn new(app: App) -> Self {
+        Server {
+            app,
+            config: ServerConfig::default(),
+            layer: None,
+            stats: None,
+        }
+    }
+
+    /// Uses `layer` instead of a fresh [`MemoryLayer`].
+    pub fn with_layer(mut self, layer: Layer) -> Self {
+        self.layer = Some(layer);
+        self
+    }
+
+    /// Uses `config`.
+    pub fn with_config(mut self, config: ServerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Builds the shared state now, returning a handle to observe the server before it runs.
+    pub fn handle(&mut self) -> ServerHandle {
+        let shared = self.shared();
+        ServerHandle { shared }
+    }
+
+    fn shared(&mut self) -> Arc<Shared> {
+        if let Some(shared) = &self.stats {
+            return shared.clone();
+        }
+        let layer = self
+            .layer
+            .take()
+            .unwrap_or_else(|| Arc::new(MemoryLayer::default()));
+        let app = std::mem::take(&mut self.app);
+        let limit = self.config.connection_limit();
+        let shared = Arc::new(Shared {
+            app,
+            config: self.config.clone(),
+            layer,
+            stats: stats::Counters::default(),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            connections: AtomicUsize::new(0),
+            limit,
+        });
+        self.stats = Some(shared.clone());
+        shared
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes, then shuts down
+    /// gracefully: stops accepting, closes WebSockets with 1001, lets handlers finish within
+    /// the grace period.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let shared = self.shared();
+        let local = listener.local_addr()?;
+        tracing::debug!(%local, limit = shared.limit, "serving");
+        let sweeper = tokio::spawn(sweeper(shared.clone()));
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        backoff = Duration::from_millis(5);
+                        let shared2 = shared.clone();
+                        if shared.connections.load(Ordering::Relaxed) >= shared.limit {
+                            shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
+                            shared.tracker.spawn(http::refuse_busy(stream));
+                            continue;
+                        }
+                        let guard = ConnGuard::new(&shared);
+                        shared.tracker.spawn(http::serve_connection(shared2, stream, peer, guard));
+                    }
+                    Err(e) => {
+                        if is_resource_exhaustion(&e) {
+                            // Out of file descriptors (or memory): wait for connections to end
+                            // instead of spinning on accept.
+                            tracing::warn!(error = %e, retry_in = ?backoff, "accept failed: out of resources");
+                            shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        } else {
+                            tracing::debug!(error = %e, "accept failed");
+                        }
+                    }
+                }
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: closing connections");
+        shared.shutdown.cancel();
+        shared
+            .layer
+            .local()
+            .for_each(|_, mailbox| mailbox.raise(Signal::Shutdown));
+        shared.tracker.close();
+        if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = shared.tracker.len(),
+                "connections still open after the shutdown grace period; abandoning them"
+            );
+        }
+        sweeper.abort();
+        Ok(())
+    }
+}
+
+fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == 24 /* EMFILE */ || code == 23 /* ENFILE */
+            || code == 105 /* ENOBUFS */ || code == 12 /* ENOMEM */
+    )
+}
+
+/// Once a second: raise the keep-alive tick on connections quiet for the ping interval.
+async fn sweeper(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = shared.config.ping_interval.as_secs() as u32;
+    loop {
+        tick.tick().await;
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let now = coarse_secs();
+        shared.layer.local().for_each(|_, mailbox| {
+            if now.saturating_sub(mailbox.activity.load(Ordering::Relaxed)) >= interval {
+                mailbox.raise(Signal::Tick);
+            }
+        });
+    }
+}

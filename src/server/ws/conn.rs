@@ -1,0 +1,912 @@
+//! One WebSocket connection: the task that owns its socket, its consumer and its inbox.
+//!
+//! The task runs in three phases. **Handshake**: the consumer's `connect` runs while the HTTP
+//! request waits for its answer; an accept (from the consumer, or a `websocket.accept` sent to
+//! its reply channel) becomes the 101, a close becomes 403, an error 500, and silence past the
+//! accept timeout 403. **Open**: one poll loop reads frames, drains the inbox, runs handlers one at
+//! a time and writes queued frames, all without locks on the socket. **Closed**: the consumer's
+//! `disconnect` runs, its groups are left, its tasks are aborted and the inbox is closed.
+//!
+//! What an idle open connection holds is deliberately small: the socket, an `Arc` to its mailbox,
+//! the consumer (boxed), a decoder with no buffer, and no timer. Reads go into a per-thread
+//! scratch buffer; keep-alive pings are driven by the server's sweeper, which raises a signal on
+//! connections that have been quiet for the ping interval.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+
+use super::codec::{Decoder, FrameHead, Incoming, Limits, OpCode, close_code, close_payload};
+use crate::consumer::{Command, DynConsumer, Event, Frame, HandlerFuture, Outgoing};
+use crate::layer::{DropReason, Inbox, Signal};
+use crate::message::Message;
+use crate::scope::Scope;
+use crate::server::config::OverflowPolicy;
+use crate::server::{Shared, coarse_secs};
+
+/// Size of the per-thread read buffer: one read takes at most this much from a socket.
+const SCRATCH: usize = 64 * 1024;
+
+/// Frames handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// How the handshake ended, sent to the HTTP side that answers the upgrade request.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    Accept {
+        subprotocol: Option<String>,
+        headers: Vec<(String, String)>,
+    },
+    /// Refused with this HTTP status (403 deny or timeout, 500 error, 503 shutting down).
+    Reject(u16),
+}
+
+/// One queued outbound frame: an inline header and a shared payload.
+struct OutFrame {
+    head: FrameHead,
+    payload: Bytes,
+}
+
+/// Frames waiting for the socket; allocated only while something is queued.
+#[derive(Default)]
+struct WriteQueue {
+    frames: VecDeque<OutFrame>,
+    /// Bytes of the front frame (head then payload) already written.
+    written: usize,
+    /// Bytes queued in all frames.
+    bytes: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Open,
+    /// Our close frame is queued or sent; waiting for the client's.
+    Closing,
+    /// No more reading; flush what is queued and end.
+    Closed,
+}
+
+enum Slot {
+    Idle(Box<dyn DynConsumer>),
+    Busy(HandlerFuture),
+    /// The consumer panicked; it is gone.
+    Gone,
+}
+
+pub(crate) struct Conn {
+    shared: Arc<Shared>,
+    scope: Arc<Scope>,
+    inbox: Inbox,
+    slot: Slot,
+    pending: VecDeque<Event>,
+    decoder: Decoder,
+    out: Option<Box<WriteQueue>>,
+    phase: Phase,
+    accepted: bool,
+    close_sent: bool,
+    /// The code reported to `disconnect`.
+    close_code: u16,
+    ping_outstanding: bool,
+    ping_sent: u32,
+    /// A close frame that must follow the current `websocket.send` (Channels 1 `close` key).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Accept headers and subprotocol wait here until the handshake answer is sent.
+    decision: Option<Decision>,
+}
+
+/// What ended a handler run.
+enum HandlerOutcome {
+    Ok,
+    Failed(String),
+    Panicked,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        scope: Arc<Scope>,
+        inbox: Inbox,
+        consumer: Box<dyn DynConsumer>,
+    ) -> Conn {
+        let limits = Limits {
+            max_frame_size: shared.config.max_frame_size,
+            max_message_size: shared.config.max_message_size,
+        };
+        Conn {
+            shared,
+            scope,
+            inbox,
+            slot: Slot::Idle(consumer),
+            pending: VecDeque::new(),
+            decoder: Decoder::new(limits),
+            out: None,
+            phase: Phase::Open,
+            accepted: false,
+            close_sent: false,
+            close_code: close_code::ABNORMAL,
+            ping_outstanding: false,
+            ping_sent: 0,
+            deadline: None,
+            decision: None,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inbox.registry().now_ms()
+    }
+
+    // ---------------------------------------------------------------- handlers
+
+    fn start_handler(&mut self, event: Event) {
+        let slot = std::mem::replace(&mut self.slot, Slot::Gone);
+        match slot {
+            Slot::Idle(consumer) => {
+                let layer = self.shared.layer.clone();
+                let fut = crate::seed::with_layer(layer, consumer.handle(event));
+                self.slot = Slot::Busy(Box::pin(fut));
+            }
+            other => self.slot = other,
+        }
+    }
+
+    /// Polls a running handler; on completion puts the consumer back and reports the outcome.
+    fn poll_handler(&mut self, cx: &mut TaskContext<'_>) -> Option<HandlerOutcome> {
+        let Slot::Busy(fut) = &mut self.slot else {
+            return None;
+        };
+        let result = AssertUnwindSafe(fut.as_mut()).catch_unwind().poll_unpin(cx);
+        match result {
+            Poll::Pending => None,
+            Poll::Ready(Ok((consumer, result))) => {
+                self.slot = Slot::Idle(consumer);
+                Some(match result {
+                    Ok(()) => HandlerOutcome::Ok,
+                    Err(e) => HandlerOutcome::Failed(e.to_string()),
+                })
+            }
+            Poll::Ready(Err(_panic)) => {
+                self.slot = Slot::Gone;
+                Some(HandlerOutcome::Panicked)
+            }
+        }
+    }
+
+    fn report(&self, outcome: &HandlerOutcome) {
+        match outcome {
+            HandlerOutcome::Ok => {}
+            HandlerOutcome::Failed(e) => {
+                tracing::error!(path = self.scope.path(), error = %e, "consumer failed");
+                self.shared
+                    .stats
+                    .handler_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            HandlerOutcome::Panicked => {
+                tracing::error!(path = self.scope.path(), "consumer panicked");
+                self.shared
+                    .stats
+                    .handler_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- handshake
+
+    /// Runs `connect` until the consumer accepts, refuses, fails or times out.
+    pub(crate) async fn handshake(&mut self) -> Decision {
+        self.start_handler(Event::Connect);
+        let timeout = tokio::time::sleep(self.shared.config.accept_timeout);
+        tokio::pin!(timeout);
+        std::future::poll_fn(|cx| {
+            if let Some(d) = self.poll_handshake(cx) {
+                return Poll::Ready(d);
+            }
+            if timeout.as_mut().poll(cx).is_ready() {
+                tracing::warn!(
+                    path = self.scope.path(),
+                    "consumer neither accepted nor denied within the accept timeout"
+                );
+                self.shared
+                    .stats
+                    .handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                return Poll::Ready(Decision::Reject(403));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn poll_handshake(&mut self, cx: &mut TaskContext<'_>) -> Option<Decision> {
+        self.inbox.mailbox().register(cx);
+        loop {
+            if self.inbox.mailbox().take_signals() & Signal::Shutdown as u8 != 0 {
+                return Some(Decision::Reject(503));
+            }
+            if let Some(outcome) = self.poll_handler(cx) {
+                self.report(&outcome);
+                if !matches!(outcome, HandlerOutcome::Ok) {
+                    return Some(Decision::Reject(500));
+                }
+            }
+            self.absorb_mailbox();
+            for command in self.inbox.mailbox().take_commands() {
+                self.apply_command(command);
+            }
+            if let Some(decision) = self.decision.take() {
+                return Some(decision);
+            }
+            if matches!(self.slot, Slot::Busy(_)) {
+                // The handler is pending; its waker is registered.
+                return None;
+            }
+            // connect returned without deciding: a decision may still come through the inbox.
+            if self.inbox.mailbox().has_messages() {
+                continue;
+            }
+            return None;
+        }
+    }
+
+    /// Moves layer messages from the inbox: socket commands are applied, the rest queue up as
+    /// events for the consumer.
+    fn absorb_mailbox(&mut self) {
+        let now = self.now_ms();
+        let (messages, expired) = self.inbox.mailbox().drain(now);
+        if expired > 0 {
+            self.inbox
+                .registry()
+                .counters()
+                .drop(DropReason::Expired, expired, &self.inbox.name());
+        }
+        for env in messages {
+            self.apply_message(env.message);
+        }
+    }
+
+    /// The one rule for layer messages: `websocket.send` / `websocket.accept` /
+    /// `websocket.close` act on the socket; every other type goes to the consumer.
+    fn apply_message(&mut self, message: Message) {
+        match message.kind() {
+            Some("websocket.send") => {
+                // Channels 1: sending content before accepting accepts.
+                if message.get("accept").and_then(|v| v.as_bool()) == Some(true) || !self.accepted {
+                    self.apply_command(Command::Accept {
+                        subprotocol: None,
+                        headers: Vec::new(),
+                    });
+                }
+                if let Some(text) = message.text_value("text") {
+                    self.apply_command(Command::Send(Outgoing::Text(text.clone())));
+                } else if let Ok(bytes) = message.bytes("bytes") {
+                    self.apply_command(Command::Send(Outgoing::Binary(bytes.clone())));
+                } else {
+                    tracing::warn!(
+                        path = self.scope.path(),
+                        "websocket.send without text or bytes ignored"
+                    );
+                }
+                if let Some(close) = message.get("close") {
+                    let code = match close.as_i64() {
+                        Some(code) => u16::try_from(code).unwrap_or(close_code::NORMAL),
+                        None if close.as_bool() == Some(true) => close_code::NORMAL,
+                        None => return,
+                    };
+                    self.apply_command(Command::Close {
+                        code,
+                        reason: String::new(),
+                    });
+                }
+            }
+            Some("websocket.accept") => {
+                let subprotocol = message
+                    .get("subprotocol")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+                self.apply_command(Command::Accept {
+                    subprotocol,
+                    headers: Vec::new(),
+                });
+            }
+            Some("websocket.close") => {
+                let code = message
+                    .get("code")
+                    .and_then(|v| v.as_i64())
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(close_code::NORMAL);
+                let reason = message
+                    .get("reason")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_owned();
+                self.apply_command(Command::Close { code, reason });
+            }
+            _ => {
+                if self.phase == Phase::Open {
+                    self.pending.push_back(Event::Layer(message));
+                }
+            }
+        }
+    }
+
+    fn apply_command(&mut self, command: Command) {
+        match command {
+            Command::Accept {
+                subprotocol,
+                headers,
+            } => {
+                if !self.accepted {
+                    self.accepted = true;
+                    self.decision = Some(Decision::Accept {
+                        subprotocol,
+                        headers,
+                    });
+                }
+            }
+            Command::Send(outgoing) => {
+                if self.phase != Phase::Open {
+                    return;
+                }
+                if !self.accepted {
+                    tracing::warn!(
+                        path = self.scope.path(),
+                        "send before accept: the message was dropped"
+                    );
+                    return;
+                }
+                let (opcode, payload) = match outgoing {
+                    Outgoing::Text(t) => (OpCode::Text, t.into_bytes()),
+                    Outgoing::Binary(b) => (OpCode::Binary, b),
+                };
+                self.shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                self.enqueue(opcode, payload, false);
+            }
+            Command::Close { code, reason } => {
+                if !self.accepted {
+                    if self.decision.is_none() {
+                        self.accepted = true; // nothing more to decide
+                        self.decision = Some(Decision::Reject(403));
+                    }
+                    return;
+                }
+                let code = if super::codec::is_valid_close_code(code) {
+                    code
+                } else {
+                    close_code::NORMAL
+                };
+                self.start_close(code, &reason);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- writing
+
+    /// Queues a frame, applying the overflow policy to data frames (control frames always fit).
+    fn enqueue(&mut self, opcode: OpCode, payload: Bytes, control: bool) {
+        let cfg = &self.shared.config;
+        let queue = self.out.get_or_insert_with(Box::default);
+        let len = payload.len();
+        if !control
+            && (queue.bytes + len > cfg.max_outbound_bytes
+                || queue.frames.len() >= cfg.max_outbound_messages)
+        {
+            match cfg.overflow {
+                OverflowPolicy::DropNewest => {
+                    self.slow_drop(1);
+                    return;
+                }
+                OverflowPolicy::DropOldest => {
+                    // Never drop the front frame once it started going out.
+                    let start = usize::from(queue.written > 0);
+                    let mut dropped = 0;
+                    while (queue.bytes + len > cfg.max_outbound_bytes
+                        || queue.frames.len() >= cfg.max_outbound_messages)
+                        && queue.frames.len() > start
+                    {
+                        if let Some(old) = queue.frames.remove(start) {
+                            queue.bytes -= old.head.as_slice().len() + old.payload.len();
+                            dropped += 1;
+                        }
+                    }
+                    self.slow_drop(dropped);
+                    let queue = self.out.get_or_insert_with(Box::default);
+                    if queue.bytes + len > cfg.max_outbound_bytes {
+                        self.slow_drop(1);
+                        return;
+                    }
+                    return self.push_frame(opcode, payload);
+                }
+                OverflowPolicy::Close => {
+                    if !self.close_sent {
+                        tracing::warn!(
+                            path = self.scope.path(),
+                            client = ?self.scope.client(),
+                            "client too slow: outbound queue full, closing with 1008"
+                        );
+                        self.shared
+                            .stats
+                            .slow_closes
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.slow_drop(1);
+                        self.start_close(close_code::POLICY, "client too slow");
+                    }
+                    return;
+                }
+            }
+        }
+        self.push_frame(opcode, payload);
+    }
+
+    fn push_frame(&mut self, opcode: OpCode, payload: Bytes) {
+        let queue = self.out.get_or_insert_with(Box::default);
+        let head = FrameHead::new(opcode, payload.len());
+        queue.bytes += head.as_slice().len() + payload.len();
+        queue.frames.push_back(OutFrame { head, payload });
+    }
+
+    fn slow_drop(&self, n: u64) {
+        if n > 0 {
+            let total = self.shared.stats.slow_drops.fetch_add(n, Ordering::Relaxed) + n;
+            tracing::debug!(
+                path = self.scope.path(),
+                dropped = n,
+                total,
+                "slow client: messages dropped"
+            );
+        }
+    }
+
+    /// Writes queued frames until the socket would block. `Err` means the socket is dead.
+    fn poll_flush<S: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        io: &mut S,
+    ) -> Result<bool, ()> {
+        let mut progressed = false;
+        loop {
+            let Some(queue) = self.out.as_deref_mut() else {
+                return Ok(progressed);
+            };
+            if queue.frames.is_empty() {
+                self.out = None;
+                return Ok(progressed);
+            }
+            let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            let mut skip = queue.written;
+            for frame in queue.frames.iter() {
+                if n + 2 > MAX_IOVECS {
+                    break;
+                }
+                for part in [frame.head.as_slice(), &frame.payload[..]] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices[n] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    n += 1;
+                }
+            }
+            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Pending => return Ok(progressed),
+                Poll::Ready(Err(_)) | Poll::Ready(Ok(0)) => return Err(()),
+                Poll::Ready(Ok(mut written)) => {
+                    progressed = true;
+                    queue.bytes = queue.bytes.saturating_sub(written);
+                    while written > 0 {
+                        let Some(front) = queue.frames.front() else {
+                            break;
+                        };
+                        let total = front.head.as_slice().len() + front.payload.len();
+                        let left = total - queue.written;
+                        if written >= left {
+                            written -= left;
+                            queue.written = 0;
+                            queue.frames.pop_front();
+                        } else {
+                            queue.written += written;
+                            written = 0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- closing
+
+    fn start_close(&mut self, code: u16, reason: &str) {
+        if self.close_sent || self.phase == Phase::Closed {
+            return;
+        }
+        self.close_sent = true;
+        self.close_code = code;
+        self.phase = Phase::Closing;
+        self.pending.clear();
+        self.enqueue(OpCode::Close, close_payload(code, reason), true);
+        self.deadline = Some(Box::pin(tokio::time::sleep(
+            self.shared.config.close_timeout,
+        )));
+    }
+
+    fn set_closed(&mut self) {
+        if self.phase != Phase::Closed {
+            self.phase = Phase::Closed;
+            self.pending.clear();
+            if self.deadline.is_none() {
+                self.deadline = Some(Box::pin(tokio::time::sleep(
+                    self.shared.config.close_timeout,
+                )));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- reading
+
+    fn on_incoming(&mut self, event: Incoming) {
+        match event {
+            Incoming::Text(text) => {
+                self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                if self.phase == Phase::Open {
+                    self.pending.push_back(Event::Frame(Frame::Text(text)));
+                }
+            }
+            Incoming::Binary(bytes) => {
+                self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                if self.phase == Phase::Open {
+                    self.pending.push_back(Event::Frame(Frame::Binary(bytes)));
+                }
+            }
+            Incoming::Ping(payload) => {
+                if !self.close_sent {
+                    self.enqueue(OpCode::Pong, payload, true);
+                }
+            }
+            Incoming::Pong(_) => self.ping_outstanding = false,
+            Incoming::Close(frame) => {
+                if self.close_sent {
+                    // Our close was answered: the closing handshake is complete.
+                    self.set_closed();
+                } else {
+                    let (code, echo) = match &frame {
+                        Some((code, _)) => (*code, *code),
+                        None => (close_code::NO_STATUS, close_code::NORMAL),
+                    };
+                    self.enqueue(OpCode::Close, close_payload(echo, ""), true);
+                    self.close_sent = true;
+                    self.close_code = code;
+                    self.set_closed();
+                }
+            }
+        }
+    }
+
+    /// Reads once into the thread's scratch buffer and decodes. `Ready(false)`: the peer is
+    /// gone (EOF or error).
+    fn poll_read<S: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        io: &mut S,
+    ) -> Poll<bool> {
+        let mut events = Vec::new();
+        let result = SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut buf = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(_)) => Poll::Ready(Ok(false)),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(false)),
+                Poll::Ready(Ok(())) => {
+                    Poll::Ready(self.decoder.feed(buf.filled(), &mut events).map(|()| true))
+                }
+            }
+        });
+        if let Poll::Ready(Ok(true)) | Poll::Ready(Err(_)) = &result {
+            self.inbox
+                .mailbox()
+                .activity
+                .store(coarse_secs(), Ordering::Relaxed);
+        }
+        for event in events {
+            self.on_incoming(event);
+        }
+        match result {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(alive)) => Poll::Ready(alive),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(path = self.scope.path(), error = %e, "protocol error from client");
+                self.shared
+                    .stats
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if !self.close_sent {
+                    self.enqueue(OpCode::Close, close_payload(e.close_code(), ""), true);
+                    self.close_sent = true;
+                    self.close_code = e.close_code();
+                }
+                self.set_closed();
+                Poll::Ready(true)
+            }
+        }
+    }
+
+    /// Handles bytes hyper read past the handshake (a client that did not wait for the 101).
+    pub(crate) fn feed_early(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut events = Vec::new();
+        if let Err(e) = self.decoder.feed(bytes, &mut events) {
+            self.enqueue(OpCode::Close, close_payload(e.close_code(), ""), true);
+            self.close_sent = true;
+            self.close_code = e.close_code();
+            self.set_closed();
+        }
+        for event in events {
+            self.on_incoming(event);
+        }
+    }
+
+    fn keepalive(&mut self) {
+        let now = coarse_secs();
+        let cfg = &self.shared.config;
+        let quiet = now.saturating_sub(self.inbox.mailbox().activity.load(Ordering::Relaxed));
+        if self.ping_outstanding {
+            if now.saturating_sub(self.ping_sent) >= cfg.ping_timeout.as_secs() as u32 {
+                tracing::info!(
+                    path = self.scope.path(),
+                    "no pong within the ping timeout; dropping"
+                );
+                self.shared
+                    .stats
+                    .ping_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                self.close_code = close_code::ABNORMAL;
+                self.phase = Phase::Closed;
+                self.out = None;
+            }
+        } else if quiet >= cfg.ping_interval.as_secs() as u32 && self.phase == Phase::Open {
+            self.ping_outstanding = true;
+            self.ping_sent = now;
+            self.enqueue(OpCode::Ping, Bytes::new(), true);
+        }
+    }
+
+    // ---------------------------------------------------------------- open loop
+
+    /// Serves the open connection until it closes. Returns when the socket is done.
+    pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) {
+        self.inbox
+            .mailbox()
+            .activity
+            .store(coarse_secs(), Ordering::Relaxed);
+        std::future::poll_fn(|cx| self.poll_open(cx, io)).await;
+        // Best effort: tell the peer we are done writing.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            tokio::io::AsyncWriteExt::shutdown(io),
+        )
+        .await;
+    }
+
+    fn poll_open<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        io: &mut S,
+    ) -> Poll<()> {
+        self.inbox.mailbox().register(cx);
+        loop {
+            let mut progressed = false;
+
+            let signals = self.inbox.mailbox().take_signals();
+            if signals & Signal::Shutdown as u8 != 0 {
+                self.start_close(close_code::GOING_AWAY, "server shutting down");
+            }
+            if signals & Signal::Tick as u8 != 0 {
+                self.keepalive();
+            }
+
+            if self.phase != Phase::Closed
+                && self.pending.len() < self.shared.config.max_pending_events
+            {
+                match self.poll_read(cx, io) {
+                    Poll::Ready(true) => progressed = true,
+                    Poll::Ready(false) => {
+                        // EOF or reset without a close frame.
+                        if !self.close_sent {
+                            self.close_code = close_code::ABNORMAL;
+                        }
+                        self.phase = Phase::Closed;
+                        self.out = None;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            if self.phase != Phase::Closed {
+                if self.inbox.mailbox().has_messages() {
+                    self.absorb_mailbox();
+                    progressed = true;
+                }
+                let commands = self.inbox.mailbox().take_commands();
+                if !commands.is_empty() {
+                    progressed = true;
+                    for command in commands {
+                        self.apply_command(command);
+                    }
+                }
+            }
+
+            if let Some(outcome) = self.poll_handler(cx) {
+                progressed = true;
+                self.report(&outcome);
+                if !matches!(outcome, HandlerOutcome::Ok) {
+                    self.start_close(close_code::INTERNAL, "");
+                }
+            }
+            if self.phase == Phase::Open
+                && matches!(self.slot, Slot::Idle(_))
+                && let Some(event) = self.pending.pop_front()
+            {
+                self.start_handler(event);
+                continue;
+            }
+
+            match self.poll_flush(cx, io) {
+                Ok(true) => progressed = true,
+                Ok(false) => {}
+                Err(()) => {
+                    self.phase = Phase::Closed;
+                    self.out = None;
+                }
+            }
+
+            if self.phase == Phase::Closed && self.out.is_none() {
+                return Poll::Ready(());
+            }
+            if let Some(deadline) = self.deadline.as_mut()
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                // The peer did not answer our close (or would not take our last bytes).
+                return Poll::Ready(());
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- the end
+
+    /// After the socket is done: let a running handler finish (sends now fail), run
+    /// `disconnect`, leave the groups, abort the consumer's tasks.
+    pub(crate) async fn finish(mut self, joined: Vec<String>) {
+        self.inbox.mailbox().close_early();
+        let grace = self.shared.config.app_close_timeout;
+        if matches!(self.slot, Slot::Busy(_)) {
+            let done = tokio::time::timeout(
+                grace,
+                std::future::poll_fn(|cx| match self.poll_handler(cx) {
+                    Some(outcome) => Poll::Ready(outcome),
+                    None => Poll::Pending,
+                }),
+            )
+            .await;
+            match done {
+                Ok(outcome) => self.report(&outcome),
+                Err(_) => {
+                    tracing::warn!(
+                        path = self.scope.path(),
+                        "handler still running after the connection closed; cancelled"
+                    );
+                    self.slot = Slot::Gone;
+                }
+            }
+        }
+        if self.accepted || !joined.is_empty() {
+            if matches!(self.slot, Slot::Idle(_)) {
+                self.start_handler(Event::Disconnect(self.close_code));
+                let done = tokio::time::timeout(
+                    grace,
+                    std::future::poll_fn(|cx| match self.poll_handler(cx) {
+                        Some(outcome) => Poll::Ready(outcome),
+                        None => Poll::Pending,
+                    }),
+                )
+                .await;
+                match done {
+                    Ok(outcome) => self.report(&outcome),
+                    Err(_) => {
+                        tracing::warn!(path = self.scope.path(), "disconnect handler timed out")
+                    }
+                }
+            }
+        }
+        let channel = self.inbox.name();
+        for group in joined {
+            if let Err(e) = self.shared.layer.group_discard(&group, &channel).await {
+                tracing::warn!(group, error = %e, "could not leave group on disconnect");
+            }
+        }
+        if let Slot::Idle(consumer) = &mut self.slot {
+            consumer.context().abort_tasks();
+        }
+        if self.accepted && self.shared.config.access_log {
+            tracing::info!(
+                target: "canal::access",
+                "{} - - \"WSDISCONNECT {}\" {}",
+                fmt_peer(self.scope.client()),
+                self.scope.path(),
+                self.close_code
+            );
+        }
+    }
+
+    /// Groups from the consumer's `groups()`, joined before connect.
+    pub(crate) fn declared_groups(&self) -> Vec<String> {
+        match &self.slot {
+            Slot::Idle(consumer) => consumer.groups(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub(crate) fn channel_name(&self) -> String {
+        self.inbox.name()
+    }
+
+    /// Starts closing with 1001 (server going away).
+    pub(crate) fn shutdown_now(&mut self) {
+        self.start_close(close_code::GOING_AWAY, "server shutting down");
+    }
+}
+
+pub(crate) fn fmt_peer(peer: Option<std::net::SocketAddr>) -> String {
+    peer.map_or_else(|| "-".to_owned(), |p| p.to_string())
+}
+
+/// Waits for the HTTP side to deliver the upgraded socket, then runs the open connection.
+pub(crate) async fn finish_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) -> Option<Upgraded> {
+    let upgraded = match tokio::time::timeout(Duration::from_secs(10), on_upgrade).await {
+        Ok(Ok(upgraded)) => upgraded,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    Some(
+        match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+            Ok(parts) => Upgraded::Tcp(parts.io.into_inner(), parts.read_buf),
+            Err(other) => Upgraded::Other(hyper_util::rt::TokioIo::new(other)),
+        },
+    )
+}
+
+/// The socket after the upgrade: the raw TCP stream when possible (no hyper wrapper kept).
+pub(crate) enum Upgraded {
+    Tcp(tokio::net::TcpStream, Bytes),
+    Other(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+/// Sends the handshake decision; false if the HTTP side is gone.
+pub(crate) fn decide(tx: oneshot::Sender<Decision>, decision: Decision) -> bool {
+    tx.send(decision).is_ok()
+}
