@@ -20,9 +20,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::ws::conn::{Conn, Decision, Upgraded, decide, finish_upgrade, fmt_peer};
+use super::ws::conn::Decision;
+use super::ws::{UpgradeSource, websocket_task};
 use super::{ConnGuard, Shared, coarse_secs};
-use crate::consumer::{Context, Request, WebsocketEndpoint};
+use crate::consumer::Request;
 use crate::scope::{Scope, ScopeKind};
 
 type Body = Full<Bytes>;
@@ -342,9 +343,9 @@ async fn upgrade(
         shared.clone(),
         endpoint,
         Arc::new(scope),
-        on_upgrade,
+        UpgradeSource::Hyper(on_upgrade),
         tx,
-        guard,
+        Some(guard),
     ));
     let decision = rx.await.unwrap_or(Decision::Reject(500));
     match decision {
@@ -398,72 +399,3 @@ fn reject_text(status: u16) -> &'static str {
     }
 }
 
-/// The life of one WebSocket: handshake, upgrade, open loop, cleanup.
-async fn websocket_task(
-    shared: Arc<Shared>,
-    endpoint: WebsocketEndpoint,
-    scope: Arc<Scope>,
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    tx: oneshot::Sender<Decision>,
-    guard: ConnGuard,
-) {
-    let inbox = shared.layer.new_inbox();
-    let cx = Context {
-        mailbox: inbox.mailbox().clone(),
-        id: inbox.id(),
-        scope: scope.clone(),
-        layer: shared.layer.clone(),
-        tasks: Vec::new(),
-    };
-    let consumer = endpoint.factory.make(cx);
-    drop(endpoint);
-    let mut conn = Conn::new(shared.clone(), scope.clone(), inbox, consumer);
-    let joined = conn.declared_groups();
-    let channel = conn.channel_name();
-    for group in &joined {
-        if let Err(e) = shared.layer.group_add(group, &channel).await {
-            tracing::error!(group, error = %e, "could not join a declared group");
-            decide(tx, Decision::Reject(500));
-            conn.finish(joined).await;
-            return;
-        }
-    }
-    let peer = fmt_peer(scope.client());
-    if shared.config.access_log {
-        tracing::debug!(target: "canal::access", "{peer} - - \"WSCONNECTING {}\" -", scope.path());
-    }
-    let decision = conn.handshake().await;
-    let accepted = matches!(decision, Decision::Accept { .. });
-    if !decide(tx, decision) || !accepted {
-        conn.finish(joined).await;
-        return;
-    }
-    match finish_upgrade(on_upgrade).await {
-        None => {}
-        Some(Upgraded::Tcp(mut stream, early)) => {
-            shared
-                .stats
-                .websocket_accepted
-                .fetch_add(1, Ordering::Relaxed);
-            if shared.config.access_log {
-                tracing::info!(target: "canal::access", "{peer} - - \"WSCONNECT {}\" -", scope.path());
-            }
-            conn.feed_early(&early);
-            drop(early);
-            if shared.shutdown.is_cancelled() {
-                // Shutdown raced the handshake: the loop sends 1001 and ends.
-                conn.shutdown_now();
-            }
-            conn.run(&mut stream).await;
-        }
-        Some(Upgraded::Other(mut io)) => {
-            shared
-                .stats
-                .websocket_accepted
-                .fetch_add(1, Ordering::Relaxed);
-            conn.run(&mut io).await;
-        }
-    }
-    conn.finish(joined).await;
-    drop(guard);
-}

@@ -170,6 +170,10 @@ impl ServerHandle {
     pub fn connection_limit(&self) -> usize {
         self.shared.limit
     }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
 }
 
 impl Server {

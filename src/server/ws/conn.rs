@@ -882,7 +882,7 @@ pub(crate) fn fmt_peer(peer: Option<std::net::SocketAddr>) -> String {
     peer.map_or_else(|| "-".to_owned(), |p| p.to_string())
 }
 
-/// Waits for the HTTP side to deliver the upgraded socket, then runs the open connection.
+/// Waits for the HTTP side to deliver the upgraded socket.
 pub(crate) async fn finish_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) -> Option<Upgraded> {
     let upgraded = match tokio::time::timeout(Duration::from_secs(10), on_upgrade).await {
         Ok(Ok(upgraded)) => upgraded,
@@ -904,6 +904,7 @@ pub(crate) async fn finish_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) -> Opt
 pub(crate) enum Upgraded {
     Tcp(tokio::net::TcpStream, Bytes),
     Other(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+    Duplex(tokio::io::DuplexStream),
 }
 
 /// Sends the handshake decision; false if the HTTP side is gone.

@@ -1,0 +1,238 @@
+//! Helpers shared by the integration tests: a server on a free loopback port, a real
+//! WebSocket client (tokio-websockets), and raw-socket tools for protocol-level checks.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use canal::{App, Server, ServerConfig, ServerHandle};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub handle: ServerHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), canal::server::ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start(app: App) -> TestServer {
+        TestServer::start_with(app, quiet_config()).await
+    }
+
+    pub async fn start_with(app: App, config: ServerConfig) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut server = Server::new(app).with_config(config);
+        let handle = server.handle();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            handle,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Triggers graceful shutdown and waits for `serve` to return.
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("server did not stop in time")
+                .expect("server task panicked")
+                .expect("server returned an error");
+        }
+    }
+}
+
+pub fn quiet_config() -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.access_log = false;
+    config.shutdown_grace = Duration::from_secs(5);
+    config
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, _resp) = ClientBuilder::new()
+        .uri(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    client
+}
+
+/// The next data or close message, within 5 s.
+pub async fn next(client: &mut Client) -> Message {
+    tokio::time::timeout(Duration::from_secs(5), client.next())
+        .await
+        .expect("timed out waiting for a message")
+        .expect("stream ended")
+        .expect("websocket error")
+}
+
+pub async fn next_text(client: &mut Client) -> String {
+    let msg = next(client).await;
+    msg.as_text()
+        .unwrap_or_else(|| panic!("expected text, got {msg:?}"))
+        .to_owned()
+}
+
+pub async fn send_text(client: &mut Client, text: &str) {
+    client.send(Message::text(text.to_owned())).await.unwrap();
+}
+
+/// Waits for the close frame and returns its code.
+pub async fn close_code(client: &mut Client) -> u16 {
+    loop {
+        let msg = next(client).await;
+        if let Some((code, _)) = msg.as_close() {
+            return code.into();
+        }
+    }
+}
+
+pub async fn expect_silence(client: &mut Client, ms: u64) {
+    if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(ms), client.next()).await {
+        panic!("expected nothing, got {msg:?}");
+    }
+}
+
+// ------------------------------------------------------------------ raw sockets
+
+/// Sends `request` and returns the response head (status line + headers).
+pub async fn raw_request(addr: SocketAddr, request: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    (s, head)
+}
+
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("timed out reading a response head")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+pub fn status_of(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// A raw WebSocket connection after a successful handshake.
+pub async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
+    let (s, head) = raw_request(addr, &upgrade_request(path, "")).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    s
+}
+
+/// A masked client frame.
+pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Reads one server frame: (opcode, payload). `None` on EOF.
+pub async fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let read = async {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).await.ok()?;
+        let len = match h[1] & 0x7F {
+            126 => {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).await.ok()?;
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).await.ok()?;
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.ok()?;
+        Some((h[0] & 0x0F, payload))
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("timed out reading a frame")
+}
+
+/// Reads frames until a close frame; returns its code (1005 if empty), or None on EOF.
+pub async fn read_close(s: &mut TcpStream) -> Option<u16> {
+    loop {
+        let (op, payload) = read_frame(s).await?;
+        if op == 8 {
+            return Some(if payload.len() >= 2 {
+                u16::from_be_bytes([payload[0], payload[1]])
+            } else {
+                1005
+            });
+        }
+    }
+}
+
+/// True when the server closes the TCP connection within `secs`.
+pub async fn closed_within(s: &mut TcpStream, secs: u64) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
