@@ -374,9 +374,7 @@ impl Message {
 
     /// Removes `key` (copies the map first if it is shared).
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        if self.0.get(key).is_none() {
-            return None;
-        }
+        self.0.get(key)?;
         Arc::make_mut(&mut self.0).remove(key)
     }
 

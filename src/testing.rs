@@ -26,12 +26,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::oneshot;
 
+use crate::Layer;
 use crate::consumer::Frame;
 use crate::scope::{Scope, ScopeKind};
 use crate::server::ws::conn::Decision;
 use crate::server::ws::{UpgradeSource, websocket_task};
 use crate::server::{App, Server, ServerConfig, ServerHandle};
-use crate::Layer;
 
 /// How long `receive_*` waits by default (Channels' communicator uses 1 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -133,7 +133,8 @@ impl WebsocketCommunicator {
 
     /// Adds a request header (e.g. `sec-websocket-protocol`, `origin`, `cookie`).
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_ascii_lowercase(), value.to_owned()));
+        self.headers
+            .push((name.to_ascii_lowercase(), value.to_owned()));
         self
     }
 
@@ -144,6 +145,11 @@ impl WebsocketCommunicator {
             .path
             .split_once('?')
             .map_or((self.path.as_str(), ""), |(p, q)| (p, q));
+        let Ok(path) = percent_encoding::percent_decode_str(path).decode_utf8() else {
+            return Connect::Rejected(400);
+        };
+        let path = path.into_owned();
+        let path = path.as_str();
         let Some(found) = shared.app.websocket.resolve(path) else {
             return Connect::Rejected(404);
         };

@@ -50,7 +50,9 @@ async fn echo_reassembles_fragments_and_answers_pings() {
     s.write_all(&frame(true, 2, b"")).await.unwrap();
     assert_eq!(read_frame(&mut s).await, Some((2, Vec::new())));
     // Client close is answered with the same code.
-    s.write_all(&frame(true, 8, &4000u16.to_be_bytes())).await.unwrap();
+    s.write_all(&frame(true, 8, &4000u16.to_be_bytes()))
+        .await
+        .unwrap();
     assert_eq!(read_close(&mut s).await, Some(4000));
 }
 
@@ -67,7 +69,11 @@ async fn chat_rooms_broadcast_verbatim_and_stay_apart() {
     for c in [&mut a1, &mut a2, &mut a3] {
         assert_eq!(next_text(c).await, "hi from a1", "sender included");
     }
-    send_text(&mut b2, r#"{"kind":"message","text":"json is verbatim too"}"#).await;
+    send_text(
+        &mut b2,
+        r#"{"kind":"message","text":"json is verbatim too"}"#,
+    )
+    .await;
     for c in [&mut b1, &mut b2] {
         assert_eq!(
             next_text(c).await,
@@ -155,7 +161,11 @@ async fn malformed_upgrades_get_400_or_426() {
     let old = "GET /ws/echo/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n";
     let (_, head) = raw_request(server.addr, old).await;
     assert_eq!(status_of(&head), 426);
-    assert!(head.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{head}"
+    );
     let post = "POST /ws/echo/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n";
     assert_eq!(status_of(&raw_request(server.addr, post).await.1), 400);
     let no_conn = "GET /ws/echo/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -173,7 +183,9 @@ async fn oversized_frames_close_with_1009_and_invalid_utf8_with_1007() {
     let server = TestServer::start_with(demo::app(), config).await;
 
     let mut s = raw_ws(server.addr, "/ws/echo/").await;
-    s.write_all(&frame(true, 1, &vec![b'a'; 2000])).await.unwrap();
+    s.write_all(&frame(true, 1, &vec![b'a'; 2000]))
+        .await
+        .unwrap();
     assert_eq!(read_close(&mut s).await, Some(1009));
 
     // Fragments under the frame limit adding up past the message limit.
@@ -186,7 +198,9 @@ async fn oversized_frames_close_with_1009_and_invalid_utf8_with_1007() {
     assert_eq!(read_close(&mut s).await, Some(1009));
 
     let mut s = raw_ws(server.addr, "/ws/echo/").await;
-    s.write_all(&frame(true, 1, &[0xff, 0xfe, b'x'])).await.unwrap();
+    s.write_all(&frame(true, 1, &[0xff, 0xfe, b'x']))
+        .await
+        .unwrap();
     assert_eq!(read_close(&mut s).await, Some(1007));
 
     // Unmasked client frames are a protocol error.
@@ -241,8 +255,13 @@ impl WebsocketConsumer for Fragile {
 struct Picky;
 impl WebsocketConsumer for Picky {
     async fn connect(&mut self, cx: &mut Context) -> canal::Result<()> {
-        let chosen = cx.scope().subprotocols().find(|p| *p == "chat.v2").map(str::to_owned);
-        cx.accept_with(chosen.as_deref(), &[("x-canal", "yes")]).await
+        let chosen = cx
+            .scope()
+            .subprotocols()
+            .find(|p| *p == "chat.v2")
+            .map(str::to_owned);
+        cx.accept_with(chosen.as_deref(), &[("x-canal", "yes")])
+            .await
     }
 }
 
@@ -284,7 +303,10 @@ async fn subprotocol_and_accept_headers() {
     assert!(lower.contains("sec-websocket-protocol: chat.v2"), "{head}");
     assert!(lower.contains("x-canal: yes"), "{head}");
     let (_, head) = raw_request(server.addr, &upgrade_request("/ws/picky/", "")).await;
-    assert!(!head.to_ascii_lowercase().contains("sec-websocket-protocol"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
+        "{head}"
+    );
 }
 
 #[tokio::test]
@@ -389,7 +411,10 @@ async fn seed_echo(message: seed::Message) -> canal::Result<()> {
         .await
 }
 async fn ws_add(message: seed::Message) -> canal::Result<()> {
-    message.reply_channel().send(msg! { "accept": true }).await?;
+    message
+        .reply_channel()
+        .send(msg! { "accept": true })
+        .await?;
     Group::new("chat").add(message.reply_channel()).await
 }
 async fn ws_message(message: seed::Message) -> canal::Result<()> {
@@ -441,9 +466,8 @@ async fn graceful_shutdown_closes_websockets_with_1001() {
     let mut server = TestServer::start(demo::app()).await;
     let mut c1 = connect(&server.url("/ws/echo/")).await;
     let mut c2 = connect(&server.url("/ws/chat/lobby/")).await;
-    let closing = tokio::spawn(async move {
-        (close_code(&mut c1).await, close_code(&mut c2).await)
-    });
+    let closing =
+        tokio::spawn(async move { (close_code(&mut c1).await, close_code(&mut c2).await) });
     tokio::time::sleep(Duration::from_millis(100)).await;
     server.shutdown().await;
     assert_eq!(closing.await.unwrap(), (1001, 1001));
@@ -472,7 +496,9 @@ async fn slow_headers_are_cut_off() {
     config.header_timeout = Duration::from_millis(500);
     let server = TestServer::start_with(demo::app(), config).await;
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     assert!(closed_within(&mut s, 3).await);
     // Idle keep-alive connections are closed too.
     let mut config = quiet_config();
@@ -498,7 +524,9 @@ async fn http_consumers_health_and_body_limit() {
     let (mut s, head) = raw_request(server.addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status_of(&head), 200);
     let mut body = [0u8; 2];
-    tokio::io::AsyncReadExt::read_exact(&mut s, &mut body).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut body)
+        .await
+        .unwrap();
     assert_eq!(&body, b"ok");
     let (_, head) = raw_request(
         server.addr,

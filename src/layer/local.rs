@@ -213,11 +213,14 @@ fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
     n
 }
 
+/// One shard of the registry: local id → mailbox.
+type Shard = RwLock<HashMap<u64, Arc<Mailbox>>>;
+
 struct Registry {
     /// `specific.<process>!`: every local name starts with it.
     prefix: Box<str>,
     next_id: AtomicU64,
-    shards: Box<[RwLock<HashMap<u64, Arc<Mailbox>>>]>,
+    shards: Box<[Shard]>,
     clock_base: Instant,
     counters: Counters,
 }
@@ -266,7 +269,7 @@ impl LocalChannels {
             .as_millis() as u64
     }
 
-    fn shard(&self, id: u64) -> &RwLock<HashMap<u64, Arc<Mailbox>>> {
+    fn shard(&self, id: u64) -> &Shard {
         &self.inner.shards[(id as usize) & (SHARDS - 1)]
     }
 
@@ -346,6 +349,11 @@ impl LocalChannels {
                 f(*id, mailbox);
             }
         }
+    }
+
+    /// Calls `f` with the name of every open local channel.
+    pub fn for_each_name(&self, mut f: impl FnMut(String)) {
+        self.for_each(|id, _| f(self.name_of(id)));
     }
 
     /// Removes detached mailboxes that are empty and were not read for `idle_secs` (coarse).

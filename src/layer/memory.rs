@@ -569,3 +569,201 @@ impl Drop for WaiterGuard<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::layer::CapacityRule;
+    use crate::msg;
+
+    fn layer() -> MemoryLayer {
+        MemoryLayer::new(LayerConfig::default().with_capacity(3))
+    }
+
+    #[tokio::test]
+    async fn named_channels_are_fifo() {
+        let l = layer();
+        for i in 0..3 {
+            l.send("jobs", msg! { "type": "job", "n": i })
+                .await
+                .unwrap();
+        }
+        for i in 0..3 {
+            assert_eq!(l.receive("jobs").await.unwrap().int("n"), Ok(i));
+        }
+    }
+
+    #[tokio::test]
+    async fn full_channels_raise_channel_full_and_count_it() {
+        let l = layer();
+        for _ in 0..3 {
+            l.send("jobs", msg! { "type": "job" }).await.unwrap();
+        }
+        let err = l.send("jobs", msg! { "type": "job" }).await.unwrap_err();
+        assert_eq!(err, LayerError::ChannelFull("jobs".into()));
+        assert_eq!(l.stats().dropped_full, 1);
+        assert_eq!(l.stats().sent, 3);
+    }
+
+    #[tokio::test]
+    async fn capacity_overrides_apply_per_channel() {
+        let l = MemoryLayer::new(
+            LayerConfig::default()
+                .with_capacity(2)
+                .with_channel_capacity(CapacityRule::glob("big.*", 5).unwrap()),
+        );
+        for _ in 0..5 {
+            l.send("big.queue", msg! { "type": "x" }).await.unwrap();
+        }
+        assert!(l.send("big.queue", msg! { "type": "x" }).await.is_err());
+        for _ in 0..2 {
+            l.send("small", msg! { "type": "x" }).await.unwrap();
+        }
+        assert!(l.send("small", msg! { "type": "x" }).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn each_message_reaches_exactly_one_of_competing_receivers() {
+        let l = MemoryLayer::new(LayerConfig::default().with_capacity(10_000));
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let l = l.clone();
+            workers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Ok(Ok(m)) =
+                    tokio::time::timeout(Duration::from_millis(300), l.receive("work")).await
+                {
+                    got.push(m.int("n").unwrap());
+                }
+                got
+            }));
+        }
+        for n in 0..1000 {
+            l.send("work", msg! { "type": "job", "n": n })
+                .await
+                .unwrap();
+            if n % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..1000).collect::<Vec<_>>(), "none lost, none twice");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_expire_and_take_their_channel_out_of_groups() {
+        let l = MemoryLayer::default();
+        let name = l.new_channel().await.unwrap();
+        l.group_add("room", &name).await.unwrap();
+        l.group_add("room", "named.member").await.unwrap();
+        l.send(&name, msg! { "type": "old" }).await.unwrap();
+        l.send("named.member", msg! { "type": "old" })
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        l.sweep();
+        assert_eq!(l.stats().dropped_expired, 2);
+        assert!(l.group_sizes().is_empty(), "both members left the group");
+        // A fresh message is delivered normally.
+        l.send(&name, msg! { "type": "new" }).await.unwrap();
+        assert_eq!(l.receive(&name).await.unwrap().kind(), Some("new"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn group_memberships_expire() {
+        let l = MemoryLayer::default();
+        let inbox = l.new_inbox();
+        l.group_add("g", &inbox.name()).await.unwrap();
+        tokio::time::advance(Duration::from_secs(86_000)).await;
+        l.group_add("g", &inbox.name()).await.unwrap(); // refreshes
+        tokio::time::advance(Duration::from_secs(1_000)).await;
+        l.group_send("g", msg! { "type": "still" }).await.unwrap();
+        assert_eq!(inbox.recv().await.kind(), Some("still"));
+        tokio::time::advance(Duration::from_secs(86_401)).await;
+        l.group_send("g", msg! { "type": "gone" }).await.unwrap();
+        assert!(l.group_sizes().is_empty());
+        assert_eq!(l.stats().memberships_expired, 1);
+    }
+
+    #[tokio::test]
+    async fn group_send_shares_one_payload_and_skips_full_members() {
+        let l = layer();
+        let a = l.new_inbox();
+        let b = l.new_inbox();
+        l.group_add("room", &a.name()).await.unwrap();
+        l.group_add("room", &b.name()).await.unwrap();
+        let m = msg! { "type": "chat.message", "text": "x".repeat(1000) };
+        l.group_send("room", m.clone()).await.unwrap();
+        let (ra, rb) = (a.recv().await, b.recv().await);
+        assert!(ra.ptr_eq(&m) && rb.ptr_eq(&m), "no per-member copy");
+        // Fill b (capacity 3); a keeps receiving, b's drops are counted, nothing raises.
+        for _ in 0..3 {
+            l.send(&b.name(), msg! { "type": "filler" }).await.unwrap();
+        }
+        l.group_send("room", msg! { "type": "more" }).await.unwrap();
+        assert_eq!(a.recv().await.kind(), Some("more"));
+        assert_eq!(l.stats().dropped_full, 1);
+        assert_eq!(l.stats().group_deliveries, 3);
+    }
+
+    #[tokio::test]
+    async fn closed_local_channels_leave_their_groups() {
+        let l = layer();
+        let a = l.new_inbox();
+        let name = a.name();
+        l.group_add("room", &name).await.unwrap();
+        drop(a);
+        l.group_send("room", msg! { "type": "x" }).await.unwrap();
+        assert!(l.group_sizes().is_empty());
+        l.send(&name, msg! { "type": "x" }).await.unwrap();
+        assert_eq!(l.stats().dropped_no_receiver, 1);
+    }
+
+    #[tokio::test]
+    async fn invalid_names_and_reserved_keys_are_typed_errors() {
+        let l = layer();
+        assert!(matches!(
+            l.send("bad name", msg! { "type": "x" }).await,
+            Err(LayerError::InvalidChannelName { .. })
+        ));
+        assert!(matches!(
+            l.group_add("bad!group", "chan").await,
+            Err(LayerError::InvalidGroupName { .. })
+        ));
+        assert!(matches!(
+            l.group_send(&"g".repeat(100), msg! { "type": "x" }).await,
+            Err(LayerError::InvalidGroupName { .. })
+        ));
+        assert!(matches!(
+            l.send("chan", msg! { "type": "x", "__asgi_channel__": "y" })
+                .await,
+            Err(LayerError::InvalidMessage(_))
+        ));
+        // A local name of this process that was never opened cannot be read.
+        let never = format!("{}ffff", l.local().prefix());
+        assert!(matches!(
+            l.receive(&never).await,
+            Err(LayerError::NotLocal(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn seed_style_messages_travel_typed_and_flush_empties_everything() {
+        let l = layer();
+        let inbox = l.new_inbox();
+        l.send(&inbox.name(), msg! { "text": "hi" }).await.unwrap();
+        assert_eq!(inbox.recv().await.kind(), Some("websocket.send"));
+        l.group_add("g", &inbox.name()).await.unwrap();
+        l.send("jobs", msg! { "type": "x" }).await.unwrap();
+        l.flush().await.unwrap();
+        assert!(l.group_sizes().is_empty());
+        let pending = tokio::time::timeout(Duration::from_millis(50), l.receive("jobs")).await;
+        assert!(pending.is_err(), "flush dropped the queued job");
+    }
+}

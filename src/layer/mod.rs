@@ -261,10 +261,10 @@ pub fn normalize(message: Message) -> Message {
         return message;
     };
     let mut message = message;
-    if kind == "websocket.close" {
-        if let Some(code) = message.get("close").and_then(|v| v.as_i64()) {
-            message.insert("code", code);
-        }
+    if kind == "websocket.close"
+        && let Some(code) = message.get("close").and_then(|v| v.as_i64())
+    {
+        message.insert("code", code);
     }
     message.with(crate::message::TYPE_KEY, kind)
 }

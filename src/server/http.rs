@@ -363,7 +363,7 @@ async fn upgrade(
                 h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
             }
             if let Some(p) = subprotocol {
-                if offered.iter().any(|o| *o == p)
+                if offered.contains(&p)
                     && let Ok(v) = HeaderValue::from_str(&p)
                 {
                     h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
@@ -398,4 +398,3 @@ fn reject_text(status: u16) -> &'static str {
         _ => "Rejected",
     }
 }
-

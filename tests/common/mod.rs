@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: a server on a free loopback port, a real
 //! WebSocket client (tokio-websockets), and raw-socket tools for protocol-level checks.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

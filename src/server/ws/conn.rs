@@ -821,22 +821,20 @@ impl Conn {
                 }
             }
         }
-        if self.accepted || !joined.is_empty() {
-            if matches!(self.slot, Slot::Idle(_)) {
-                self.start_handler(Event::Disconnect(self.close_code));
-                let done = tokio::time::timeout(
-                    grace,
-                    std::future::poll_fn(|cx| match self.poll_handler(cx) {
-                        Some(outcome) => Poll::Ready(outcome),
-                        None => Poll::Pending,
-                    }),
-                )
-                .await;
-                match done {
-                    Ok(outcome) => self.report(&outcome),
-                    Err(_) => {
-                        tracing::warn!(path = self.scope.path(), "disconnect handler timed out")
-                    }
+        if (self.accepted || !joined.is_empty()) && matches!(self.slot, Slot::Idle(_)) {
+            self.start_handler(Event::Disconnect(self.close_code));
+            let done = tokio::time::timeout(
+                grace,
+                std::future::poll_fn(|cx| match self.poll_handler(cx) {
+                    Some(outcome) => Poll::Ready(outcome),
+                    None => Poll::Pending,
+                }),
+            )
+            .await;
+            match done {
+                Ok(outcome) => self.report(&outcome),
+                Err(_) => {
+                    tracing::warn!(path = self.scope.path(), "disconnect handler timed out")
                 }
             }
         }
