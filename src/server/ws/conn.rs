@@ -403,7 +403,10 @@ impl Conn {
         let cfg = &self.shared.config;
         let queue = self.out.get_or_insert_with(Box::default);
         let len = payload.len();
+        // One message always fits an empty queue, whatever its size (it is bounded by the
+        // message size limit already); the bounds are about messages piling up.
         if !control
+            && !queue.frames.is_empty()
             && (queue.bytes + len > cfg.max_outbound_bytes
                 || queue.frames.len() >= cfg.max_outbound_messages)
         {
