@@ -543,3 +543,67 @@ async fn http_consumers_health_and_body_limit() {
     let (_, head) = raw_request(server.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.contains("text/html"), "{head}");
 }
+
+/// Declares a group: joined before connect, left after disconnect.
+#[derive(Default)]
+struct Broadcaster;
+impl WebsocketConsumer for Broadcaster {
+    fn groups(&self) -> Vec<String> {
+        vec!["announcements".to_owned()]
+    }
+    async fn receive(&mut self, cx: &mut Context, frame: Frame) -> canal::Result<()> {
+        match frame.text()? {
+            "bye" => cx.close(4321, "see you").await,
+            text => {
+                cx.group_send(
+                    "announcements",
+                    msg! { "type": "websocket.send", "text": text },
+                )
+                .await
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn declared_groups_are_joined_and_left_and_close_carries_code_and_reason() {
+    let app = App::new().websocket(path("/ws/b/", ws(Broadcaster::default)));
+    let server = TestServer::start(app).await;
+    let mut a = connect(&server.url("/ws/b/")).await;
+    let mut b = connect(&server.url("/ws/b/")).await;
+    assert_eq!(
+        server.handle.layer().group_sizes().unwrap(),
+        vec![("announcements".to_owned(), 2)]
+    );
+    // A websocket.send group message acts on every member's socket directly.
+    send_text(&mut a, "news").await;
+    assert_eq!(next_text(&mut a).await, "news");
+    assert_eq!(next_text(&mut b).await, "news");
+    send_text(&mut b, "bye").await;
+    let msg = next(&mut b).await;
+    let (code, reason) = msg.as_close().expect("a close frame");
+    assert_eq!((u16::from(code), reason), (4321, "see you"));
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        server.handle.layer().group_sizes().unwrap(),
+        vec![("announcements".to_owned(), 1)]
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503() {
+    let mut config = quiet_config();
+    config.max_connections = Some(2);
+    let server = TestServer::start_with(demo::app(), config).await;
+    let _a = connect(&server.url("/ws/echo/")).await;
+    let _b = connect(&server.url("/ws/echo/")).await;
+    let (_, head) = raw_request(server.addr, &upgrade_request("/ws/echo/", "")).await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    assert_eq!(server.handle.stats().rejected_limit, 1);
+    drop(_a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = connect(&server.url("/ws/echo/")).await;
+    send_text(&mut c, "room again").await;
+    assert_eq!(next_text(&mut c).await, "room again");
+}

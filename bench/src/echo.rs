@@ -45,6 +45,13 @@ pub struct EchoArgs {
     concurrency: usize,
 }
 
+impl EchoArgs {
+    /// Client runtime threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
 struct LoopResult {
     hist: Histogram<u64>,
     round_trips: u64,

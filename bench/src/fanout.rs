@@ -65,6 +65,13 @@ pub struct FanoutArgs {
     concurrency: usize,
 }
 
+impl FanoutArgs {
+    /// Client runtime threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
 struct StepStats {
     delivered: AtomicU64,
     gaps: AtomicU64,
