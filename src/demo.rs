@@ -11,7 +11,7 @@
 //! - `/` and `/chat/{room}/` serve the chat page; `/api/rooms` lists rooms with member counts.
 
 use crate::consumer::{Context, Frame, Rejection, Request, Response, WebsocketConsumer, http, ws};
-use crate::layer::check_group_name;
+use crate::layer::{LayerError, check_group_name};
 use crate::message::Message;
 use crate::routing::path;
 use crate::scope::Scope;
@@ -50,7 +50,8 @@ impl WebsocketConsumer for ChatRoom {
 
     async fn connect(&mut self, cx: &mut Context) -> Result<()> {
         self.room = cx.scope().param("room")?.to_owned();
-        cx.group_add(&self.room).await?;
+        // With the backend down the membership is still recorded and re-added when it returns.
+        tolerate_outage(cx.group_add(&self.room).await)?;
         cx.accept().await
     }
 
@@ -59,7 +60,8 @@ impl WebsocketConsumer for ChatRoom {
             Frame::Text(text) => msg! { "type": "chat.message", "text": text },
             Frame::Binary(bytes) => msg! { "type": "chat.message", "bytes": bytes },
         };
-        cx.group_send(&self.room, message).await
+        // A backend outage loses this message (counted by the layer), not the connection.
+        tolerate_outage(cx.group_send(&self.room, message).await)
     }
 
     async fn event(&mut self, cx: &mut Context, event: Message) -> Result<()> {
@@ -75,9 +77,20 @@ impl WebsocketConsumer for ChatRoom {
 
     async fn disconnect(&mut self, cx: &mut Context, _code: u16) -> Result<()> {
         if !self.room.is_empty() {
-            cx.group_discard(&self.room).await?;
+            tolerate_outage(cx.group_discard(&self.room).await)?;
         }
         Ok(())
+    }
+}
+
+/// Layer backend errors (Redis away) are logged and counted by the layer; the connection stays.
+fn tolerate_outage(result: Result<()>) -> Result<()> {
+    match result {
+        Err(crate::Error::Layer(LayerError::Backend(e))) => {
+            tracing::debug!(error = %e, "channel layer unavailable; message dropped");
+            Ok(())
+        }
+        other => other,
     }
 }
 

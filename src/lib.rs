@@ -51,6 +51,7 @@
 //! - [`seed`]: the Channels 1.x style of the seed tutorial (`route`, `reply_channel`, `Group`).
 //! - [`server`]: the listener, HTTP via hyper, and the WebSocket connection task.
 //! - [`testing`]: a communicator that drives a consumer without a network.
+//! - [`worker`]: consumers of named channels for background work.
 //! - [`demo`]: the app `canal serve` runs (chat page, `/ws/echo/`, `/ws/chat/{room}/`).
 //!
 //! # Cancel safety
@@ -68,13 +69,14 @@ pub mod scope;
 pub mod seed;
 pub mod server;
 pub mod testing;
+pub mod worker;
 
 pub use consumer::{
     Context, Frame, Handle, HttpConsumer, JsonWebsocketConsumer, Layer, Rejection, Request,
     Response, WebsocketConsumer, http, ws, ws_json,
 };
 pub use error::{Error, Result};
-pub use layer::{ChannelLayer, LayerConfig, LayerError, MemoryLayer};
+pub use layer::{ChannelLayer, LayerConfig, LayerError, MemoryLayer, RedisConfig, RedisLayer};
 pub use message::{Map, Message, Value};
 pub use routing::{Router, path, re_path};
 pub use scope::Scope;

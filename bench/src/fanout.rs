@@ -300,14 +300,18 @@ async fn run_step(
         }
     }
     let cpu1 = CpuSnap::take(a.server_pid);
-    let wall = t0.elapsed().as_secs_f64();
 
     let delivered = stats.delivered.load(Relaxed);
     let lost = expected.saturating_sub(delivered);
     let dead_now = sh.dead.load(Relaxed);
     let mut with_loss = 0usize;
     let mut max_loss = 0u64;
-    for (r, _) in stats.recv_by.iter().zip(&live_at_start).filter(|(_, l)| **l) {
+    for (r, _) in stats
+        .recv_by
+        .iter()
+        .zip(&live_at_start)
+        .filter(|(_, l)| **l)
+    {
         let missing = (total as u64).saturating_sub(u64::from(r.load(Relaxed)));
         if missing > 0 {
             with_loss += 1;
@@ -348,6 +352,7 @@ async fn run_step(
         "rate": rate,
         "sent": total,
         "send_s": round(send_s, 3),
+        "span_s": round(span, 3),
         "receivers_alive": alive,
         "receivers_lost_during_step": dead_now - dead0,
         "expected": expected,
@@ -362,11 +367,11 @@ async fn run_step(
         "time_to_all": util::hist_json(&all_hist),
         "messages_reaching_all": complete,
         "server_cpu_s": server_cpu.map(|c| round(c, 3)),
-        "server_cpu_pct": server_cpu.map(|c| round(c * 100.0 / wall, 1)),
+        "server_cpu_pct": server_cpu.map(|c| round(c * 100.0 / span, 1)),
         "server_cpu_us_per_delivery": server_cpu
             .filter(|_| delivered > 0)
             .map(|c| round(c * 1e6 / delivered as f64, 3)),
-        "client_cpu_pct": round(client_cpu * 100.0 / wall, 1),
+        "client_cpu_pct": round(client_cpu * 100.0 / span, 1),
         "client_cpu_us_per_delivery": (delivered > 0)
             .then(|| round(client_cpu * 1e6 / delivered as f64, 3)),
         "clean": clean,
@@ -376,7 +381,7 @@ async fn run_step(
 pub async fn run(a: FanoutArgs) -> Result<Value, String> {
     let target = util::parse_ws_url(&a.url)?;
     let sources = util::parse_sources(&a.sources)?;
-    if a.receivers == 0 || a.duration == 0 || !(a.rate > 0.0) {
+    if a.receivers == 0 || a.duration == 0 || !a.rate.is_finite() || a.rate <= 0.0 {
         return Err("--receivers, --duration and --rate must be positive".into());
     }
     util::check_fds(a.receivers + 1)?;
@@ -523,10 +528,7 @@ pub fn print(v: &Value) {
     );
     let empty = Vec::new();
     for s in v["steps"].as_array().unwrap_or(&empty) {
-        let num = |k: &str| {
-            s[k].as_f64()
-                .map_or("-".to_string(), |x| format!("{x}"))
-        };
+        let num = |k: &str| s[k].as_f64().map_or("-".to_string(), |x| format!("{x}"));
         println!(
             "  {:>8} {:>8} {:>10} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>6}{}",
             num("rate"),
@@ -549,9 +551,20 @@ pub fn print(v: &Value) {
             }
         );
     }
-    if let Some(steps) = v["steps"].as_array().filter(|s| s.len() == 1) {
-        let s = &steps[0];
-        println!("  latency (send -> receive)   {}", util::lat_line(&s["latency"]));
+    if let Some(s) = v["steps"].as_array().and_then(|s| s.last()) {
+        println!(
+            "  {} rate {} msg/s:",
+            if v["ramp"].as_bool() == Some(true) {
+                "last step,"
+            } else {
+                "at"
+            },
+            s["rate"]
+        );
+        println!(
+            "  latency (send -> receive)   {}",
+            util::lat_line(&s["latency"])
+        );
         println!(
             "  time to reach all           {}  ({} of {} messages reached every receiver)",
             util::lat_line(&s["time_to_all"]),
@@ -587,5 +600,40 @@ pub fn print(v: &Value) {
     );
     if let Some(e) = v["error"].as_str() {
         println!("  error: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_format() {
+        assert_eq!(parse_msg(b"2 17 123456......"), Some((2, 17, 123456)));
+        assert_eq!(parse_msg(b"0 0 5"), Some((0, 0, 5)));
+        assert_eq!(parse_msg(b"sync 3"), None);
+    }
+
+    #[test]
+    fn order_and_gaps() {
+        let sh = Shared {
+            base: std::time::Instant::now(),
+            steps: vec![OnceLock::new()],
+            synced: AtomicUsize::new(0),
+            dead: AtomicUsize::new(0),
+            dead_flags: vec![AtomicBool::new(false)],
+            last_close_code: AtomicU32::new(0),
+            other: AtomicU64::new(0),
+        };
+        let _ = sh.steps[0].set(StepStats::new(10, 1));
+        let mut st = RecvState::default();
+        for seq in [0u64, 1, 3, 2, 4] {
+            sh.on_message(0, format!("0 {seq} 0").as_bytes(), 1000, &mut st);
+        }
+        let s = sh.steps[0].get().unwrap();
+        assert_eq!(s.delivered.load(Relaxed), 5);
+        assert_eq!(s.gaps.load(Relaxed), 1);
+        assert_eq!(s.out_of_order.load(Relaxed), 1);
+        assert_eq!(s.recv_by[0].load(Relaxed), 5);
     }
 }

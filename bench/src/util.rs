@@ -211,3 +211,31 @@ pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
     };
     b.enable_all().build().expect("tokio runtime")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = parse_ws_url("ws://127.0.0.1:9000/ws/echo/").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(t.host, "127.0.0.1:9000");
+        assert_eq!(t.path, "/ws/echo/");
+        assert_eq!(parse_ws_url("ws://localhost").unwrap().path, "/");
+        assert_eq!(parse_ws_url("ws://[::1]:80/x").unwrap().addr.port(), 80);
+        assert!(parse_ws_url("ws://10.0.0.1:80/").is_err());
+        assert!(parse_ws_url("ws://example.com/").is_err());
+        assert!(parse_ws_url("wss://127.0.0.1/").is_err());
+    }
+
+    #[test]
+    fn sources() {
+        let s = parse_sources(&["127.0.0.1-4".into()]).unwrap();
+        assert_eq!(s.len(), 4);
+        let s = parse_sources(&["127.0.0.1".into(), "127.0.0.2-127.0.0.3".into()]).unwrap();
+        assert_eq!(s.len(), 3);
+        assert!(parse_sources(&["192.168.1.1".into()]).is_err());
+        assert!(parse_sources(&[]).unwrap().is_empty());
+    }
+}

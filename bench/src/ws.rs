@@ -67,10 +67,18 @@ fn write_frame(out: &mut Vec<u8>, op: u8, payload: &[u8]) {
 }
 
 fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
-    for chunk in buf.chunks_mut(4) {
-        for (b, m) in chunk.iter_mut().zip(mask) {
-            *b ^= m;
-        }
+    let m8 = [mask, mask].concat();
+    let mut wide = [0u8; 8];
+    wide.copy_from_slice(&m8);
+    let wide = u64::from_ne_bytes(wide);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        c.copy_from_slice(&(u64::from_ne_bytes(w) ^ wide).to_ne_bytes());
+    }
+    for (b, m) in chunks.into_remainder().iter_mut().zip(mask.iter().cycle()) {
+        *b ^= m;
     }
 }
 
@@ -345,5 +353,47 @@ impl WsConn {
         let clean = matches!(tokio::time::timeout(wait, work).await, Ok(Ok(true)));
         let _ = self.stream.shutdown().await;
         clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_round_trips_every_length() {
+        for len in 0..40 {
+            let data: Vec<u8> = (0..len as u8).collect();
+            let mut buf = data.clone();
+            let mask = [0x12, 0x34, 0x56, 0x78];
+            apply_mask(&mut buf, mask);
+            for (i, (b, d)) in buf.iter().zip(&data).enumerate() {
+                assert_eq!(*b, d ^ mask[i % 4], "len {len} byte {i}");
+            }
+            apply_mask(&mut buf, mask);
+            assert_eq!(buf, data);
+        }
+    }
+
+    #[test]
+    fn frame_header_lengths() {
+        for (len, hdr) in [
+            (0usize, 6usize),
+            (125, 6),
+            (126, 8),
+            (65535, 8),
+            (65536, 14),
+        ] {
+            let mut out = Vec::new();
+            write_frame(&mut out, OP_BINARY, &vec![7u8; len]);
+            assert_eq!(out.len(), hdr + len);
+            assert_eq!(out[0], 0x80 | OP_BINARY);
+            assert_eq!(out[1] & 0x80, 0x80);
+            let mut mask = [0u8; 4];
+            mask.copy_from_slice(&out[hdr - 4..hdr]);
+            let mut payload = out[hdr..].to_vec();
+            apply_mask(&mut payload, mask);
+            assert!(payload.iter().all(|&b| b == 7));
+        }
     }
 }

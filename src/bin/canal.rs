@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use std::sync::Arc;
+
 use canal::server::{OverflowPolicy, ServerConfig};
-use canal::{Server, demo};
+use canal::worker::Worker;
+use canal::{Layer, LayerError, MemoryLayer, Message, RedisConfig, RedisLayer, Server, demo};
 
 /// canal: HTTP and WebSocket on one port, consumers, groups and a channel layer.
 #[derive(Parser, Debug)]
@@ -24,20 +27,52 @@ struct Cli {
 enum Command {
     /// Serve the chat page and the demo endpoints (/ws/echo/, /ws/chat/{room}/, /health).
     Serve(ServeArgs),
-    /// Consume channels for background work (needs a shared layer such as Redis).
-    Worker(LayerArgs),
+    /// Consume named channels: log each message, print it as a JSON line, and answer on its
+    /// `reply_to` channel if it names one (needs a shared layer such as Redis).
+    Worker(WorkerArgs),
     /// Push a message into the layer from a shell (needs a shared layer such as Redis).
-    Send(LayerArgs),
+    Send(SendArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct LayerOpts {
+    /// Channel layer: `memory://` (this process only) or `redis://[:password@]host:port[,…]`
+    /// (several hosts form a shard ring, as in channels_redis).
+    #[arg(long, default_value = "memory://")]
+    layer: String,
+    /// Key prefix in Redis (channels_redis `prefix`).
+    #[arg(long, default_value = "asgi")]
+    redis_prefix: String,
+    /// Encryption key (channels_redis `symmetric_encryption_keys`); repeat for rotation, the
+    /// first encrypts. Prefer the CANAL_REDIS_KEYS environment variable (comma-separated).
+    #[arg(
+        long = "redis-key",
+        env = "CANAL_REDIS_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    redis_keys: Vec<String>,
 }
 
 #[derive(Args, Debug)]
-struct LayerArgs {
-    /// Channel layer URL (`redis://host:port[,…]`); the in-memory layer is process-local.
-    #[arg(long, default_value = "memory://")]
-    layer: String,
-    /// Channel names, or a channel/group and a message.
-    #[arg(trailing_var_arg = true)]
-    rest: Vec<String>,
+struct WorkerArgs {
+    #[command(flatten)]
+    layer: LayerOpts,
+    /// Channels to consume.
+    #[arg(required = true)]
+    channels: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    #[command(flatten)]
+    layer: LayerOpts,
+    /// Send to every member of this group instead of to a channel.
+    #[arg(long)]
+    group: Option<String>,
+    /// `CHANNEL MESSAGE`, or just `MESSAGE` with --group. MESSAGE is a JSON object.
+    #[arg(required = true, num_args = 1..=2)]
+    args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -45,9 +80,8 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     bind: String,
-    /// Channel layer: `memory://` (in-process).
-    #[arg(long, default_value = "memory://")]
-    layer: String,
+    #[command(flatten)]
+    layer: LayerOpts,
     /// Largest WebSocket message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_message_size: usize,
@@ -116,31 +150,156 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Worker(args) | Command::Send(args) => {
-            if args.layer.starts_with("memory") {
-                eprintln!(
-                    "canal: this command needs a shared channel layer (--layer redis://HOST:PORT); \
-                     the in-memory layer only exists inside one process"
+        Command::Worker(args) => runtime.block_on(worker(args)),
+        Command::Send(args) => runtime.block_on(send(args)),
+    }
+}
+
+/// Builds the layer named by `--layer`.
+fn build_layer(opts: &LayerOpts) -> Result<Layer, String> {
+    let spec = opts.layer.trim();
+    if spec == "memory://" || spec == "memory" {
+        return Ok(Arc::new(MemoryLayer::default()));
+    }
+    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        let mut config = RedisConfig::from_urls(spec);
+        config.prefix = opts.redis_prefix.clone();
+        config.symmetric_encryption_keys = opts
+            .redis_keys
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect();
+        return RedisLayer::new(config)
+            .map(|l| Arc::new(l) as Layer)
+            .map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "unsupported layer {:?}: use memory:// or redis://host:port[,…]",
+        canal::layer::redact(spec)
+    ))
+}
+
+/// A layer shared with other processes, or the reason there is none.
+fn shared_layer(opts: &LayerOpts) -> Result<Layer, String> {
+    let layer = build_layer(opts)?;
+    if !layer.is_shared() {
+        return Err(
+            "this command needs a shared channel layer (--layer redis://HOST:PORT); \
+             the in-memory layer only exists inside one process"
+                .to_owned(),
+        );
+    }
+    Ok(layer)
+}
+
+async fn worker(args: WorkerArgs) -> ExitCode {
+    let layer = match shared_layer(&args.layer) {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("canal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut worker = Worker::new(layer.clone());
+    for channel in &args.channels {
+        let layer = layer.clone();
+        let name = channel.clone();
+        worker = worker.route(channel, move |message: Message| {
+            let layer = layer.clone();
+            let channel = name.clone();
+            async move {
+                let json = message.to_json();
+                tracing::info!(channel, message = %json, "worker received");
+                println!(
+                    "{}",
+                    serde_json::json!({ "channel": channel, "message": json })
                 );
-            } else {
-                eprintln!(
-                    "canal: unsupported layer {:?} (this build has: memory://)",
-                    args.layer
-                );
+                if let Some(reply_to) = message.get("reply_to").and_then(|v| v.as_str()) {
+                    let mut answer = message.clone();
+                    answer.remove("reply_to");
+                    let reply = canal::msg! {
+                        "type": "worker.reply",
+                        "channel": channel.as_str(),
+                        "message": answer,
+                    };
+                    layer.send(reply_to, reply).await?;
+                }
+                Ok(())
             }
+        });
+    }
+    eprintln!("canal worker consuming {:?}; Ctrl-C to stop", args.channels);
+    match worker.run(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("canal: {e}");
             ExitCode::from(2)
         }
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
-    if args.layer != "memory://" && args.layer != "memory" {
-        eprintln!(
-            "canal: unsupported layer {:?} (this build has: memory://)",
-            args.layer
-        );
-        return ExitCode::from(2);
+async fn send(args: SendArgs) -> ExitCode {
+    let layer = match shared_layer(&args.layer) {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("canal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (target, text) = match (&args.group, args.args.as_slice()) {
+        (Some(group), [text]) => (group.clone(), text.clone()),
+        (None, [channel, text]) => (channel.clone(), text.clone()),
+        (Some(_), _) => {
+            eprintln!("canal: with --group, give only the MESSAGE");
+            return ExitCode::from(2);
+        }
+        (None, _) => {
+            eprintln!("canal: give CHANNEL and MESSAGE (or --group GROUP MESSAGE)");
+            return ExitCode::from(2);
+        }
+    };
+    let message = match Message::from_json(&text) {
+        Ok(message) => message,
+        Err(e) => {
+            eprintln!("canal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match &args.group {
+        Some(group) => layer.group_send(group, message).await,
+        None => layer.send(&target, message).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(
+            e @ (LayerError::InvalidChannelName { .. }
+            | LayerError::InvalidGroupName { .. }
+            | LayerError::InvalidMessage(_)),
+        ) => {
+            eprintln!("canal: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("canal: could not send to {target:?}: {e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let layer = match build_layer(&args.layer) {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("canal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let layer_name = if layer.is_shared() {
+        canal::layer::redact(&args.layer.layer)
+    } else {
+        "in-memory layer".to_owned()
+    };
     // Use every file descriptor the hard limit allows; the connection limit follows it.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!(error = %e, "could not raise the open-file limit");
@@ -171,11 +330,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let addr = listener
         .local_addr()
         .map_or(args.bind.clone(), |a| a.to_string());
-    let mut server = Server::new(demo::app()).with_config(config);
+    let mut server = Server::new(demo::app())
+        .with_config(config)
+        .with_layer(layer);
     let handle = server.handle();
     println!(
         "canal serving on http://{addr}/ (chat page), ws://{addr}/ws/echo/ and ws://{addr}/ws/chat/{{room}}/ \
-         — in-memory layer, up to {} connections; Ctrl-C to stop",
+         — {layer_name}, up to {} connections; Ctrl-C to stop",
         handle.connection_limit()
     );
     match server.serve(listener, shutdown_signal()).await {

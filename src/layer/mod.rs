@@ -14,12 +14,14 @@ mod capacity;
 mod local;
 mod memory;
 mod names;
+mod redis;
 mod stats;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use self::redis::{RedisConfig, RedisLayer, consistent_hash, redact};
 pub use capacity::CapacityRule;
 pub use local::{Inbox, LocalChannels};
 pub(crate) use local::{Mailbox, Signal};

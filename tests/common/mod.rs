@@ -28,9 +28,20 @@ impl TestServer {
     }
 
     pub async fn start_with(app: App, config: ServerConfig) -> TestServer {
+        TestServer::start_full(app, config, None).await
+    }
+
+    pub async fn start_full(
+        app: App,
+        config: ServerConfig,
+        layer: Option<canal::Layer>,
+    ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut server = Server::new(app).with_config(config);
+        if let Some(layer) = layer {
+            server = server.with_layer(layer);
+        }
         let handle = server.handle();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
