@@ -106,8 +106,9 @@ pub(crate) struct Conn {
     ping_sent: u32,
     /// A close frame that must follow the current `websocket.send` (Channels 1 `close` key).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Accept headers and subprotocol wait here until the handshake answer is sent.
-    decision: Option<Decision>,
+    /// Accept headers and subprotocol wait here until the handshake answer is sent (boxed: it
+    /// is empty for the whole life of an open connection).
+    decision: Option<Box<Decision>>,
 }
 
 /// What ended a handler run.
@@ -251,7 +252,7 @@ impl Conn {
                 self.apply_command(command);
             }
             if let Some(decision) = self.decision.take() {
-                return Some(decision);
+                return Some(*decision);
             }
             if matches!(self.slot, Slot::Busy(_)) {
                 // The handler is pending; its waker is registered.
@@ -354,10 +355,10 @@ impl Conn {
             } => {
                 if !self.accepted {
                     self.accepted = true;
-                    self.decision = Some(Decision::Accept {
+                    self.decision = Some(Box::new(Decision::Accept {
                         subprotocol,
                         headers,
-                    });
+                    }));
                 }
             }
             Command::Send(outgoing) => {
@@ -382,7 +383,7 @@ impl Conn {
                 if !self.accepted {
                     if self.decision.is_none() {
                         self.accepted = true; // nothing more to decide
-                        self.decision = Some(Decision::Reject(403));
+                        self.decision = Some(Box::new(Decision::Reject(403)));
                     }
                     return;
                 }
@@ -695,19 +696,12 @@ impl Conn {
 
     // ---------------------------------------------------------------- open loop
 
-    /// Serves the open connection until it closes. Returns when the socket is done.
-    pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) {
+    /// Stamps the connection as active now (its keep-alive clock starts at the upgrade).
+    pub(crate) fn mark_open(&self) {
         self.inbox
             .mailbox()
             .activity
             .store(coarse_secs(), Ordering::Relaxed);
-        std::future::poll_fn(|cx| self.poll_open(cx, io)).await;
-        // Best effort: tell the peer we are done writing.
-        let _ = tokio::time::timeout(
-            Duration::from_millis(100),
-            tokio::io::AsyncWriteExt::shutdown(io),
-        )
-        .await;
     }
 
     fn poll_open<S: AsyncRead + AsyncWrite + Unpin>(
@@ -881,6 +875,77 @@ impl Conn {
 
 pub(crate) fn fmt_peer(peer: Option<std::net::SocketAddr>) -> String {
     peer.map_or_else(|| "-".to_owned(), |p| p.to_string())
+}
+
+/// An open connection as a task of its own: exactly the connection state and its socket, so an
+/// idle connection's task is no bigger than that (a compiler-built `async fn` state machine
+/// would also keep room for every other phase).
+pub(crate) struct OpenTask<S> {
+    conn: Option<Conn>,
+    io: Option<S>,
+    joined: Vec<String>,
+    guard: Option<crate::server::ConnGuard>,
+    /// Shutdown of the socket and the consumer's cleanup, once the socket is done.
+    tail: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl<S> OpenTask<S> {
+    pub(crate) fn new(
+        conn: Conn,
+        io: S,
+        joined: Vec<String>,
+        guard: Option<crate::server::ConnGuard>,
+    ) -> Self {
+        conn.mark_open();
+        OpenTask {
+            conn: Some(conn),
+            io: Some(io),
+            joined,
+            guard,
+            tail: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.tail.is_none() {
+            let (Some(conn), Some(io)) = (this.conn.as_mut(), this.io.as_mut()) else {
+                return Poll::Ready(());
+            };
+            if conn.poll_open(cx, io).is_pending() {
+                return Poll::Pending;
+            }
+            let (Some(conn), Some(mut io)) = (this.conn.take(), this.io.take()) else {
+                return Poll::Ready(());
+            };
+            let joined = std::mem::take(&mut this.joined);
+            this.tail = Some(Box::pin(async move {
+                // Best effort: tell the peer we are done writing.
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    tokio::io::AsyncWriteExt::shutdown(&mut io),
+                )
+                .await;
+                drop(io);
+                conn.finish(joined).await;
+            }));
+        }
+        match this.tail.as_mut() {
+            Some(tail) => {
+                if tail.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.tail = None;
+                this.guard = None;
+                Poll::Ready(())
+            }
+            None => Poll::Ready(()),
+        }
+    }
 }
 
 /// Waits for the HTTP side to deliver the upgraded socket.
