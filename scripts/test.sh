@@ -1,27 +1,49 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, integration, doc and example builds (`cargo test`), then the
-# Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
+# The whole test suite:
+#   1. the Python venv for the channels_redis interop tests (~/.cache/canal/py-venv);
+#   2. `cargo test` (unit, integration over real sockets, real redis-server processes started
+#      per test, real Python channels_redis, doc tests, example builds);
+#   3. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
 #
-# Needs: cargo, python3 (with venv/pip, for the Autobahn driver, installed on first run into
-# ~/.cache/canal). Outside CI a missing outside part is reported loudly and skipped; under
-# CI=true it fails instead.
+# Outside CI, a missing outside part (redis-server, python3 with venv) is reported loudly and
+# its tests skip; under CI=true they fail instead.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 ci() { [[ "${CI:-}" == "true" ]]; }
+warn() { printf '\n*** test.sh: %s ***\n\n' "$*" >&2; }
+
+PY_VENV="${CANAL_PY_VENV:-$HOME/.cache/canal/py-venv}"
+REQS="tests/python/requirements.txt"
+
+echo "== Python venv for the interop tests ($PY_VENV)"
+if python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if [[ ! -x "$PY_VENV/bin/python" ]]; then
+        python3 -m venv "$PY_VENV"
+    fi
+    stamp="$PY_VENV/.canal-requirements"
+    if ! cmp -s "$REQS" "$stamp" 2>/dev/null; then
+        "$PY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQS"
+        cp "$REQS" "$stamp"
+    fi
+    export CANAL_PYTHON="$PY_VENV/bin/python"
+else
+    ci && { echo "test.sh: python3 with venv is required under CI" >&2; exit 1; }
+    warn "python3 with venv/ensurepip is missing: the Python interop tests and Autobahn will SKIP"
+fi
+command -v redis-server >/dev/null || {
+    ci && { echo "test.sh: redis-server is required under CI" >&2; exit 1; }
+    warn "redis-server is missing: the Redis layer tests will SKIP"
+}
 
 echo "== cargo test"
 cargo test --all-targets
 cargo test --doc
 
 echo "== Autobahn|Testsuite cases 1-10"
-if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+if python3 -c 'import venv, ensurepip' 2>/dev/null; then
     bash scripts/autobahn.sh
 else
-    if ci; then
-        echo "test.sh: python3 with venv is required for the Autobahn suite" >&2
-        exit 1
-    fi
-    echo "test.sh: SKIPPED the Autobahn suite: python3 with venv/ensurepip is missing" >&2
+    warn "SKIPPED the Autobahn suite: python3 with venv/ensurepip is missing"
 fi
