@@ -38,10 +38,16 @@ fn missing(what: &str) -> Option<std::convert::Infallible> {
 struct Redis {
     port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl Redis {
     async fn start() -> Option<Redis> {
+        Redis::start_with(Vec::new()).await
+    }
+
+    /// A private redis-server with extra arguments (`{port}` is replaced by its port).
+    async fn start_with(extra: Vec<String>) -> Option<Redis> {
         if std::process::Command::new("redis-server")
             .arg("--version")
             .output()
@@ -54,23 +60,27 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
-        let mut redis = Redis { port, child: None };
+        let mut redis = Redis {
+            port,
+            child: None,
+            extra,
+        };
         redis.spawn().await;
         Some(redis)
     }
 
     async fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        if self.extra.is_empty() {
+            args.extend(["--port".to_owned(), port.clone()]);
+        }
+        args.extend(self.extra.iter().map(|a| a.replace("{port}", &port)));
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -596,4 +606,94 @@ async fn canal_send_from_the_shell() {
         !String::from_utf8_lossy(&out.stderr).contains("hunter2"),
         "passwords never printed"
     );
+}
+
+#[tokio::test]
+async fn urls_with_passwords_and_tls() {
+    // A password-protected Redis: the URL carries it, errors never show it.
+    let Some(r) = Redis::start_with(vec![
+        "--port".into(),
+        "{port}".into(),
+        "--requirepass".into(),
+        "s3cret-pw".into(),
+    ])
+    .await
+    else {
+        return;
+    };
+    let good = layer(&format!("redis://:s3cret-pw@127.0.0.1:{}", r.port), &[]);
+    good.send("auth.jobs", msg! { "type": "t", "n": 1 })
+        .await
+        .unwrap();
+    assert_eq!(good.receive("auth.jobs").await.unwrap().int("n"), Ok(1));
+    let bad = layer(&format!("redis://:wrong-pw@127.0.0.1:{}", r.port), &[]);
+    let err = bad
+        .send("auth.jobs", msg! { "type": "t" })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LayerError::Backend(_)), "{err:?}");
+    assert!(!err.to_string().contains("wrong-pw"), "{err}");
+
+    // TLS (rediss://) with a self-signed certificate, accepted with the #insecure marker.
+    let dir = std::env::temp_dir().join(format!("canal-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    if !made.is_ok_and(|o| o.status.success()) {
+        missing("openssl (to make a test certificate)");
+        return;
+    }
+    let Some(t) = Redis::start_with(vec![
+        "--port".into(),
+        "0".into(),
+        "--tls-port".into(),
+        "{port}".into(),
+        "--tls-cert-file".into(),
+        cert.display().to_string(),
+        "--tls-key-file".into(),
+        key.display().to_string(),
+        "--tls-ca-cert-file".into(),
+        cert.display().to_string(),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ])
+    .await
+    else {
+        return;
+    };
+    let tls = layer(&format!("rediss://127.0.0.1:{}/#insecure", t.port), &[]);
+    tls.send("tls.jobs", msg! { "type": "t", "text": "over tls" })
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.receive("tls.jobs").await.unwrap().str("text").unwrap(),
+        "over tls"
+    );
+    let server = server_on(tls.clone()).await;
+    let mut a = connect(&server.url("/ws/chat/tlsroom/")).await;
+    tls.group_send(
+        "tlsroom",
+        msg! { "type": "chat.message", "text": "via rediss" },
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_text(&mut a).await, "via rediss");
+    let _ = std::fs::remove_dir_all(&dir);
 }

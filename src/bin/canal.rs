@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use std::sync::Arc;
 
@@ -77,6 +77,11 @@ struct SendArgs {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
+    /// A TOML file with any of these options (`bind = "0.0.0.0:8000"`, `layer = "redis://…"`,
+    /// `max_message_size = 1048576`, `redis_key = ["k1", "k2"]` …); flags given on the command
+    /// line win over the file.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     bind: String,
@@ -135,8 +140,87 @@ fn init_logging(filter: &str) {
         .init();
 }
 
+/// Parses the command line, folding in `serve --config FILE` (command-line flags win).
+fn parse_cli() -> Result<Cli, String> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = Cli::command().get_matches_from(&argv);
+    let Some(serve) = matches.subcommand_matches("serve") else {
+        return Cli::from_arg_matches(&matches).map_err(|e| e.to_string());
+    };
+    let Some(path) = serve.get_one::<std::path::PathBuf>("config") else {
+        return Cli::from_arg_matches(&matches).map_err(|e| e.to_string());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("invalid config file {}: {e}", path.display()))?;
+    let command = Cli::command();
+    let serve_cmd = command.find_subcommand("serve").ok_or("no serve command")?;
+    let known: Vec<String> = serve_cmd
+        .get_arguments()
+        .map(|a| a.get_id().as_str().to_owned())
+        .chain(["log_level".to_owned()])
+        .collect();
+    let mut extra: Vec<std::ffi::OsString> = Vec::new();
+    for (key, value) in &table {
+        let id = key.replace('-', "_");
+        if !known.contains(&id) || id == "config" {
+            return Err(format!(
+                "config file {}: unknown option {key:?}",
+                path.display()
+            ));
+        }
+        let given = if id == "log_level" {
+            matches.value_source(&id)
+        } else {
+            serve.value_source(&id)
+        };
+        if given == Some(clap::parser::ValueSource::CommandLine) {
+            continue;
+        }
+        let flag = format!("--{}", id.replace('_', "-"));
+        let values: Vec<&toml::Value> = match value {
+            toml::Value::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        for v in values {
+            match v {
+                toml::Value::Boolean(true) => extra.push(flag.clone().into()),
+                toml::Value::Boolean(false) => {}
+                toml::Value::String(s) => {
+                    extra.push(flag.clone().into());
+                    extra.push(s.into());
+                }
+                toml::Value::Integer(i) => {
+                    extra.push(flag.clone().into());
+                    extra.push(i.to_string().into());
+                }
+                other => {
+                    return Err(format!(
+                        "config file {}: {key} has an unsupported value {other}",
+                        path.display()
+                    ));
+                }
+            }
+        }
+    }
+    let mut full = argv;
+    full.extend(extra);
+    let matches = Cli::command()
+        .try_get_matches_from(&full)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("canal: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
