@@ -297,9 +297,21 @@ async fn python_sends_reach_canal_worker_and_process_channels() {
             .unwrap();
         assert_eq!(got, rich_message(), "{hosts} {keys:?}");
         // A canal process channel: Python hashes the full name (channels_redis bug B1); canal
-        // reads its process key on every shard, so it still arrives.
-        for _ in 0..4 {
+        // reads its process key on every shard, so it still arrives. With two hosts, pick names
+        // whose full-name shard differs from the receiving shard, so the bug path is exercised.
+        let shards = hosts.split(',').count();
+        let mut names = Vec::new();
+        while names.len() < 2 {
             let name = canal.new_channel().await.unwrap();
+            let non_local = canal::layer::non_local_name(&name);
+            if shards == 1
+                || canal::layer::consistent_hash(&name, shards)
+                    != canal::layer::consistent_hash(non_local, shards)
+            {
+                names.push(name);
+            }
+        }
+        for name in names {
             py_run(&py, &hosts, &keys, &["send", &name]).await;
             let got = tokio::time::timeout(Duration::from_secs(10), canal.receive(&name))
                 .await
@@ -371,16 +383,47 @@ async fn storage_is_what_channels_redis_stores() {
     ));
 }
 
+/// A `canal serve` child process on a free port, on `layer`.
+async fn serve_process(layer: &str) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_canal"))
+        .args([
+            "--log-level",
+            "warn",
+            "serve",
+            "--no-access-log",
+            "--layer",
+            layer,
+        ])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("canal serving"), "{line}");
+    (child, format!("ws://127.0.0.1:{port}"))
+}
+
 #[tokio::test]
-async fn two_canal_servers_share_one_chat() {
+async fn two_canal_serve_processes_share_one_chat() {
     let Some(r) = Redis::start().await else {
         return;
     };
-    let a = server_on(layer(&r.url(), &[])).await;
-    let b = server_on(layer(&r.url(), &[])).await;
-    let mut ca = connect(&a.url("/ws/chat/shared/")).await;
-    let mut cb = connect(&b.url("/ws/chat/shared/")).await;
-    let mut cb2 = connect(&b.url("/ws/chat/shared/")).await;
+    let (_a, a) = serve_process(&r.url()).await;
+    let (_b, b) = serve_process(&r.url()).await;
+    let mut ca = connect(&format!("{a}/ws/chat/shared/")).await;
+    let mut cb = connect(&format!("{b}/ws/chat/shared/")).await;
+    let mut cb2 = connect(&format!("{b}/ws/chat/shared/")).await;
     send_text(&mut ca, "typed on A").await;
     for c in [&mut ca, &mut cb, &mut cb2] {
         assert_eq!(next_text(c).await, "typed on A");
@@ -478,6 +521,94 @@ async fn a_pool_of_three_worker_processes_gets_each_message_once() {
         tokio::time::timeout(Duration::from_millis(500), rx.recv())
             .await
             .is_err()
+    );
+    // canal never uses the `$inflight` backup key that Python workers restore (bug B3).
+    let client = redis::Client::open(r.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*inflight*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+
+    // A job naming `reply_to` gets an answer there.
+    let reply_to = canal.new_channel().await.unwrap();
+    canal
+        .send(
+            "pool.jobs",
+            msg! { "type": "job", "n": -1, "reply_to": reply_to.as_str() },
+        )
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), canal.receive(&reply_to))
+        .await
+        .expect("a worker answered")
+        .unwrap();
+    assert_eq!(reply.kind(), Some("worker.reply"));
+    assert_eq!(reply.str("channel").unwrap(), "pool.jobs");
+}
+
+#[tokio::test]
+async fn group_send_purges_expired_entries_on_the_destination_shard() {
+    // channels_redis bug B2: with several hosts, expired entries of a destination key on another
+    // shard are never purged, so the key reads as full and the group message is dropped. canal
+    // purges on the shard it writes to. The member here belongs to a process that is not running,
+    // so nothing pops the key while the test looks at it.
+    let (Some(r1), Some(r2)) = (Redis::start().await, Redis::start().await) else {
+        return;
+    };
+    let hosts = format!("{},{}", r1.url(), r2.url());
+    let member = "specific.deadbeef!conn1";
+    let key = "asgispecific.deadbeef!";
+    let shard = canal::layer::consistent_hash("specific.deadbeef!", 2);
+    let url = if shard == 0 { r1.url() } else { r2.url() };
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let old = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        - 120.0;
+    for i in 0..100 {
+        let _: () = redis::cmd("ZADD")
+            .arg(key)
+            .arg(old)
+            .arg(format!("stale-{i}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let sender = layer(&hosts, &[]);
+    sender.group_add("b2room", member).await.unwrap();
+    sender
+        .group_send(
+            "b2room",
+            msg! { "type": "chat.message", "text": "not dropped" },
+        )
+        .await
+        .unwrap();
+    assert_eq!(sender.stats().dropped_full, 0);
+    let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        members.len(),
+        1,
+        "stale entries purged, the new message stored"
+    );
+    let stored = Message::from_msgpack(&members[0][12..]).unwrap();
+    assert_eq!(stored.str("text").unwrap(), "not dropped");
+    assert_eq!(
+        stored.get("__asgi_channel__"),
+        Some(&Value::List(vec![Value::from(member)]))
     );
 }
 
