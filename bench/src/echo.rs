@@ -140,7 +140,13 @@ pub async fn run(a: EchoArgs) -> Result<Value, String> {
             p.resize(a.size.max(p.len()), b'.');
             p
         };
-        tasks.push(tokio::spawn(echo_loop(conn, payload, op, measure_from, end)));
+        tasks.push(tokio::spawn(echo_loop(
+            conn,
+            payload,
+            op,
+            measure_from,
+            end,
+        )));
     }
 
     tokio::time::sleep_until(measure_from).await;

@@ -307,7 +307,12 @@ async fn run_step(
     let dead_now = sh.dead.load(Relaxed);
     let mut with_loss = 0usize;
     let mut max_loss = 0u64;
-    for (r, _) in stats.recv_by.iter().zip(&live_at_start).filter(|(_, l)| **l) {
+    for (r, _) in stats
+        .recv_by
+        .iter()
+        .zip(&live_at_start)
+        .filter(|(_, l)| **l)
+    {
         let missing = (total as u64).saturating_sub(u64::from(r.load(Relaxed)));
         if missing > 0 {
             with_loss += 1;
@@ -523,10 +528,7 @@ pub fn print(v: &Value) {
     );
     let empty = Vec::new();
     for s in v["steps"].as_array().unwrap_or(&empty) {
-        let num = |k: &str| {
-            s[k].as_f64()
-                .map_or("-".to_string(), |x| format!("{x}"))
-        };
+        let num = |k: &str| s[k].as_f64().map_or("-".to_string(), |x| format!("{x}"));
         println!(
             "  {:>8} {:>8} {:>10} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>6}{}",
             num("rate"),
@@ -551,7 +553,10 @@ pub fn print(v: &Value) {
     }
     if let Some(steps) = v["steps"].as_array().filter(|s| s.len() == 1) {
         let s = &steps[0];
-        println!("  latency (send -> receive)   {}", util::lat_line(&s["latency"]));
+        println!(
+            "  latency (send -> receive)   {}",
+            util::lat_line(&s["latency"])
+        );
         println!(
             "  time to reach all           {}  ({} of {} messages reached every receiver)",
             util::lat_line(&s["time_to_all"]),

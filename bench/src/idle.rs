@@ -45,7 +45,11 @@ pub struct IdleArgs {
     #[arg(long)]
     server_pid: Option<u32>,
     /// Connection counts to step through (ascending).
-    #[arg(long, value_delimiter = ',', default_value = "2000,6000,10000,14000,18000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2000,6000,10000,14000,18000"
+    )]
     counts: Vec<usize>,
     /// Rooms the connections are spread over.
     #[arg(long, default_value_t = 100)]
@@ -106,7 +110,10 @@ impl Worker {
         }
         line.split_whitespace()
             .skip(1)
-            .map(|f| f.parse::<u64>().map_err(|_| format!("bad worker line: {line}")))
+            .map(|f| {
+                f.parse::<u64>()
+                    .map_err(|_| format!("bad worker line: {line}"))
+            })
             .collect()
     }
 }
@@ -191,7 +198,12 @@ pub fn run(a: IdleArgs) -> Result<Value, String> {
         cmd.arg("idle-worker")
             .args(["--url", &a.url, "--path", &a.path])
             .args(["--rooms", &a.rooms.to_string()])
-            .args(["--index", &k.to_string(), "--stride", &a.processes.to_string()])
+            .args([
+                "--index",
+                &k.to_string(),
+                "--stride",
+                &a.processes.to_string(),
+            ])
             .args(["--concurrency", &a.concurrency.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -387,7 +399,10 @@ pub fn print(v: &Value) {
     );
     println!(
         "  closed cleanly: {}/{}; server RSS before {} kB, after close {} kB",
-        v["closed_cleanly"], v["closed_total"], v["server_rss_before_kb"], v["server_rss_after_close_kb"]
+        v["closed_cleanly"],
+        v["closed_total"],
+        v["server_rss_before_kb"],
+        v["server_rss_after_close_kb"]
     );
     if let Some(e) = v["error"].as_str() {
         println!("  error: {e}");
@@ -536,10 +551,7 @@ async fn hold(
         return None;
     }
     let deadline = tokio::time::Instant::now() + t;
-    let echoed = match conn
-        .wait_for(deadline, |_, p| p == msg.as_bytes())
-        .await
-    {
+    let echoed = match conn.wait_for(deadline, |_, p| p == msg.as_bytes()).await {
         Ok(e) => e,
         Err(_) => {
             let _ = ready.send(None);

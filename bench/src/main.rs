@@ -16,7 +16,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "canal-bench", version, about = "Load generator for canal (loopback only)")]
+#[command(
+    name = "canal-bench",
+    version,
+    about = "Load generator for canal (loopback only)"
+)]
 struct Cli {
     /// Print the result as one JSON object instead of a table.
     #[arg(long, global = true)]

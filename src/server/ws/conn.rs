@@ -34,6 +34,7 @@ use crate::layer::{DropReason, Inbox, Signal};
 use crate::message::Message;
 use crate::scope::Scope;
 use crate::server::config::OverflowPolicy;
+use crate::server::stats::HandshakeFailure;
 use crate::server::{Shared, coarse_secs};
 
 /// Size of the per-thread read buffer: one read takes at most this much from a socket.
@@ -54,7 +55,7 @@ pub(crate) enum Decision {
         headers: Vec<(String, String)>,
     },
     /// Refused with this HTTP status (403 deny or timeout, 500 error, 503 shutting down).
-    Reject(u16),
+    Reject(u16, HandshakeFailure),
 }
 
 /// One queued outbound frame: an inline header and a shared payload.
@@ -227,7 +228,7 @@ impl Conn {
                     .stats
                     .handshake_timeouts
                     .fetch_add(1, Ordering::Relaxed);
-                return Poll::Ready(Decision::Reject(403));
+                return Poll::Ready(Decision::Reject(403, HandshakeFailure::Timeout));
             }
             Poll::Pending
         })
@@ -238,12 +239,12 @@ impl Conn {
         self.inbox.mailbox().register(cx);
         loop {
             if self.inbox.mailbox().take_signals() & Signal::Shutdown as u8 != 0 {
-                return Some(Decision::Reject(503));
+                return Some(Decision::Reject(503, HandshakeFailure::ShuttingDown));
             }
             if let Some(outcome) = self.poll_handler(cx) {
                 self.report(&outcome);
                 if !matches!(outcome, HandlerOutcome::Ok) {
-                    return Some(Decision::Reject(500));
+                    return Some(Decision::Reject(500, HandshakeFailure::Error));
                 }
             }
             self.absorb_mailbox();
@@ -284,6 +285,7 @@ impl Conn {
     /// The one rule for layer messages: `websocket.send` / `websocket.accept` /
     /// `websocket.close` act on the socket; every other type goes to the consumer.
     fn apply_message(&mut self, message: Message) {
+        self.shared.stats.layer.received.count(message.kind());
         match message.kind() {
             Some("websocket.send") => {
                 // Channels 1: sending content before accepting accepts.
@@ -382,7 +384,7 @@ impl Conn {
                 if !self.accepted {
                     if self.decision.is_none() {
                         self.accepted = true; // nothing more to decide
-                        self.decision = Some(Decision::Reject(403));
+                        self.decision = Some(Decision::Reject(403, HandshakeFailure::Denied));
                     }
                     return;
                 }
@@ -893,9 +895,13 @@ pub(crate) async fn finish_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) -> Opt
         }
         Err(_) => return None,
     };
+    let upgraded = match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => return Some(Upgraded::Tcp(parts.io.into_inner(), parts.read_buf)),
+        Err(other) => other,
+    };
     Some(
-        match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
-            Ok(parts) => Upgraded::Tcp(parts.io.into_inner(), parts.read_buf),
+        match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::UnixStream>>() {
+            Ok(parts) => Upgraded::Unix(parts.io.into_inner(), parts.read_buf),
             Err(other) => Upgraded::Other(hyper_util::rt::TokioIo::new(other)),
         },
     )
@@ -904,6 +910,7 @@ pub(crate) async fn finish_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) -> Opt
 /// The socket after the upgrade: the raw TCP stream when possible (no hyper wrapper kept).
 pub(crate) enum Upgraded {
     Tcp(tokio::net::TcpStream, Bytes),
+    Unix(tokio::net::UnixStream, Bytes),
     Other(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
     Duplex(tokio::io::DuplexStream),
 }

@@ -12,6 +12,7 @@ use self::conn::{Conn, Decision, Upgraded, decide, finish_upgrade, fmt_peer};
 use super::{ConnGuard, Shared};
 use crate::consumer::{Context, WebsocketEndpoint};
 use crate::scope::Scope;
+use crate::server::stats::HandshakeFailure;
 
 /// Where the socket comes from once the handshake is accepted.
 pub(crate) enum UpgradeSource {
@@ -46,7 +47,7 @@ pub(crate) async fn websocket_task(
     for group in &joined {
         if let Err(e) = shared.layer.group_add(group, &channel).await {
             tracing::error!(group, error = %e, "could not join a declared group");
-            decide(tx, Decision::Reject(500));
+            decide(tx, Decision::Reject(500, HandshakeFailure::Error));
             conn.finish(joined).await;
             return;
         }
@@ -86,9 +87,18 @@ pub(crate) async fn websocket_task(
             drop(early);
             conn.run(&mut stream).await;
         }
+        Upgraded::Unix(mut stream, early) => {
+            conn.feed_early(&early);
+            drop(early);
+            conn.run(&mut stream).await;
+        }
         Upgraded::Other(mut io) => conn.run(&mut io).await,
         Upgraded::Duplex(mut io) => conn.run(&mut io).await,
     }
     conn.finish(joined).await;
+    shared
+        .stats
+        .websocket_closed
+        .fetch_add(1, Ordering::Relaxed);
     drop(guard);
 }
