@@ -285,6 +285,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let handle = server.handle();
     let limit = handle.connection_limit();
+    let shutdown = shutdown_signal();
     let result = match bound {
         Bound::Tcp(listener) => {
             let addr = listener
@@ -295,7 +296,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
                  ws://{addr}{root}/ws/chat/{{room}}/ — in-memory layer, up to {limit} connections; \
                  Ctrl-C to stop"
             );
-            server.serve(listener, shutdown_signal()).await
+            server.serve(listener, shutdown).await
         }
         Bound::Unix(listener, path) => {
             let shown = path.as_ref().map_or_else(
@@ -306,7 +307,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 "canal serving on unix:{shown} (chat page at {root}/) — in-memory layer, up to \
                  {limit} connections; Ctrl-C to stop"
             );
-            let result = server.serve(listener, shutdown_signal()).await;
+            let result = server.serve(listener, shutdown).await;
             if let Some(path) = path {
                 let _ = std::fs::remove_file(path);
             }
@@ -325,26 +326,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, so a
+/// signal that arrives after the "serving" line is always a graceful stop.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = wait(term) => {}
+            () = wait(int) => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }
