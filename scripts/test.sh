@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, integration, doc and example builds (`cargo test`), then the
-# Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
+# The whole test suite: unit, integration, doc and example builds (`cargo test`), the chat
+# page end to end in headless Chromium (scripts/browser-test.sh), then the Autobahn|Testsuite
+# cases 1-10 against `canal serve`'s echo endpoint.
 #
-# Needs: cargo, python3 (with venv/pip, for the Autobahn driver, installed on first run into
-# ~/.cache/canal). Outside CI a missing outside part is reported loudly and skipped; under
-# CI=true it fails instead.
+# Needs: cargo, node 18+ with npm and chromium (browser tests; playwright-core is installed
+# with npm ci into tests/browser/node_modules), python3 (with venv/pip, for the Autobahn
+# driver, installed on first run into ~/.cache/canal). Outside CI a missing outside part is
+# reported loudly and skipped; under CI=true it fails instead.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,6 +16,9 @@ ci() { [[ "${CI:-}" == "true" ]]; }
 echo "== cargo test"
 cargo test --all-targets
 cargo test --doc
+
+echo "== browser tests (headless Chromium)"
+bash scripts/browser-test.sh
 
 echo "== Autobahn|Testsuite cases 1-10"
 if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
