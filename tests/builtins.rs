@@ -613,3 +613,130 @@ async fn serves_http_and_websockets_on_a_unix_socket() {
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_file(&sock);
 }
+
+/// Reads dashboard updates until one satisfies `done` (the sampler ticks once a second).
+async fn dashboard_until(
+    admin: &mut Client,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dashboard never showed the expected numbers"
+        );
+        let update: serde_json::Value = serde_json::from_str(&next_text(admin).await).unwrap();
+        if done(&update) {
+            return update;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_known_traffic_live() {
+    const N: usize = 3; // chat clients in the busy room
+    const M: usize = 5; // messages each
+    const ADMIN: &str = "adm1n-t0ken";
+    let mut server = start_with_builtins(
+        demo::app(),
+        quiet_config(),
+        Builtins::default().admin("/admin/", ADMIN),
+    )
+    .await;
+    // The page and its socket need the token.
+    assert_eq!(get(server.addr, "/admin/").await.status, 401);
+    assert_eq!(get(server.addr, "/admin/?token=wrong").await.status, 401);
+    let page = get(server.addr, &format!("/admin/?token={ADMIN}")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<canvas id=\"chart-connections\""));
+    let page = http_req(
+        server.addr,
+        "GET",
+        "/admin/",
+        &[("Authorization", &format!("Bearer {ADMIN}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(page.status, 200);
+    let (s, head) = raw_request(server.addr, &upgrade_request("/admin/ws", "")).await;
+    assert_eq!(status_of(&head), 401);
+    drop(s);
+
+    let mut admin = connect(&server.url(&format!("/admin/ws?token={ADMIN}"))).await;
+    let first: serde_json::Value = serde_json::from_str(&next_text(&mut admin).await).unwrap();
+    assert!(first["history"].is_array(), "{first}");
+
+    let mut busy = Vec::new();
+    for _ in 0..N {
+        busy.push(connect(&server.url("/ws/chat/busy/")).await);
+    }
+    let mut quiet = connect(&server.url("/ws/chat/quiet/")).await;
+    for client in busy.iter_mut() {
+        for m in 0..M {
+            send_text(client, &format!("m{m}")).await;
+        }
+    }
+    for client in busy.iter_mut() {
+        for _ in 0..N * M {
+            next_text(client).await;
+        }
+    }
+    let total = (N * M) as u64;
+    // Chat clients plus the dashboard's own socket (whose messages are not counted); the
+    // HTTP connections of the checks above close soon.
+    let update = dashboard_until(&mut admin, |u| {
+        u["sample"]["messages_in"] == total
+            && u["sample"]["messages_out"] == total * N as u64
+            && u["sample"]["connections"] == (N + 2) as u64
+    })
+    .await;
+    let s = &update["sample"];
+    assert_eq!(s["websockets"], (N + 2) as u64, "{update}");
+    assert_eq!(s["slow_drops"], 0);
+    assert_eq!(s["layer_errors"], 0);
+    assert_eq!(s["layer_dropped"], 0);
+    assert_eq!(update["group_count"], 2);
+    assert_eq!(
+        update["groups"],
+        serde_json::json!([
+            { "name": "busy", "members": N },
+            { "name": "quiet", "members": 1 }
+        ])
+    );
+    assert_eq!(update["busiest"][0]["name"], "busy", "{update}");
+    assert_eq!(update["busiest"][0]["sends"], total, "{update}");
+    assert_eq!(update["busiest"].as_array().unwrap().len(), 1);
+    assert_eq!(update["dropped"]["slow_client"], 0);
+
+    // Leaving shows up too; the history keeps the earlier samples.
+    for mut c in busy {
+        c.close().await.unwrap();
+    }
+    let update = dashboard_until(&mut admin, |u| u["sample"]["websockets"] == 2).await;
+    assert_eq!(update["group_count"], 1);
+    quiet.close().await.unwrap();
+    admin.close().await.unwrap();
+    let mut again = connect(&server.url(&format!("/admin/ws?token={ADMIN}"))).await;
+    let first: serde_json::Value = serde_json::from_str(&next_text(&mut again).await).unwrap();
+    let history = first["history"].as_array().unwrap();
+    assert!(history.len() >= 2, "{first}");
+    assert!(
+        history
+            .iter()
+            .any(|s| s["websockets"] == (N + 2) as u64 && s["messages_in"] == total),
+        "the earlier minutes are kept: {first}"
+    );
+    again.close().await.unwrap();
+    server.shutdown().await;
+
+    // Off unless asked for, and never on without a token.
+    let mut off = start_with_builtins(demo::app(), quiet_config(), Builtins::default()).await;
+    assert_eq!(get(off.addr, "/admin/").await.status, 404);
+    off.shutdown().await;
+    let mut no_token = Builtins::default();
+    no_token.admin = Some("/admin/".to_owned());
+    assert!(matches!(
+        Server::new(demo::app()).with_builtins(no_token),
+        Err(ServerError::Config(_))
+    ));
+}

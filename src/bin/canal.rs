@@ -127,10 +127,36 @@ struct DeployArgs {
     /// Switch the JSON API off (the room list on `/` then shows no rooms).
     #[arg(long)]
     no_api: bool,
+    /// Turn on the live dashboard (off by default).
+    #[arg(long)]
+    admin: bool,
+    /// Prefix of the dashboard (`<prefix>` page, `<prefix>ws` WebSocket).
+    #[arg(long, value_name = "PREFIX", default_value = "/admin/")]
+    admin_path: String,
+    /// Token the dashboard requires (or set CANAL_ADMIN_TOKEN; default: a random one, printed).
+    #[arg(long, value_name = "TOKEN")]
+    admin_token: Option<String>,
 }
 
 impl DeployArgs {
-    fn builtins(&self) -> Builtins {
+    /// The dashboard token: given, from the environment, or made up now.
+    fn admin_token(&self) -> Option<String> {
+        if !self.admin {
+            return None;
+        }
+        let given = self
+            .admin_token
+            .clone()
+            .or_else(|| std::env::var("CANAL_ADMIN_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        Some(given.unwrap_or_else(|| {
+            std::iter::repeat_with(fastrand::alphanumeric)
+                .take(24)
+                .collect()
+        }))
+    }
+
+    fn builtins(&self, admin_token: Option<&str>) -> Builtins {
         let publish_token = self
             .publish_token
             .clone()
@@ -142,6 +168,9 @@ impl DeployArgs {
             .api((!self.no_api).then_some(self.api_path.as_str()));
         if let Some(token) = publish_token {
             builtins = builtins.publish_token(token);
+        }
+        if let Some(token) = admin_token {
+            builtins = builtins.admin(&self.admin_path, token);
         }
         builtins
     }
@@ -266,9 +295,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
 
+    let admin_token = args.deploy.admin_token();
     let mut server = match Server::new(demo::app())
         .with_config(config)
-        .with_builtins(args.deploy.builtins())
+        .with_builtins(args.deploy.builtins(admin_token.as_deref()))
     {
         Ok(server) => server,
         Err(e) => {
@@ -296,6 +326,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
                  ws://{addr}{root}/ws/chat/{{room}}/ — in-memory layer, up to {limit} connections; \
                  Ctrl-C to stop"
             );
+            if let Some(token) = &admin_token {
+                let admin = args.deploy.admin_path.trim_end_matches('/');
+                println!("canal dashboard on http://{addr}{root}{admin}/?token={token}");
+            }
             server.serve(listener, shutdown).await
         }
         Bound::Unix(listener, path) => {
@@ -307,6 +341,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 "canal serving on unix:{shown} (chat page at {root}/) — in-memory layer, up to \
                  {limit} connections; Ctrl-C to stop"
             );
+            if let Some(token) = &admin_token {
+                let admin = args.deploy.admin_path.trim_end_matches('/');
+                println!("canal dashboard at {root}{admin}/?token={token}");
+            }
             let result = server.serve(listener, shutdown).await;
             if let Some(path) = path {
                 let _ = std::fs::remove_file(path);

@@ -1,5 +1,6 @@
 //! Built-in routes the server can mount next to an app's own: `/metrics` (Prometheus text),
-//! `/ready` (layer health), `/api/rooms` and `/api/publish`.
+//! `/ready` (layer health), `/api/rooms`, `/api/publish` and the dashboard (`/admin/`, with
+//! its WebSocket at `/admin/ws`).
 //!
 //! Each can be moved or switched off with [`Builtins`]. They are exact paths, mounted by
 //! [`Server::with_builtins`](super::Server::with_builtins), which refuses to start when an
@@ -38,6 +39,12 @@ pub struct Builtins {
     pub api: Option<String>,
     /// Bearer token that `POST {api}publish` requires; without one the endpoint is off (404).
     pub publish_token: Option<String>,
+    /// Prefix of the live dashboard: the page at `{admin}`, its WebSocket at `{admin}ws`
+    /// (default: off).
+    pub admin: Option<String>,
+    /// Token the dashboard requires (`?token=` or `Authorization: Bearer`); needed when the
+    /// dashboard is on.
+    pub admin_token: Option<String>,
 }
 
 impl std::fmt::Debug for Builtins {
@@ -47,6 +54,8 @@ impl std::fmt::Debug for Builtins {
             .field("ready", &self.ready)
             .field("api", &self.api)
             .field("publish_token", &self.publish_token.as_ref().map(|_| "…"))
+            .field("admin", &self.admin)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "…"))
             .finish()
     }
 }
@@ -58,6 +67,8 @@ impl Default for Builtins {
             ready: Some("/ready".to_owned()),
             api: Some("/api/".to_owned()),
             publish_token: None,
+            admin: None,
+            admin_token: None,
         }
     }
 }
@@ -70,6 +81,8 @@ impl Builtins {
             ready: None,
             api: None,
             publish_token: None,
+            admin: None,
+            admin_token: None,
         }
     }
 
@@ -96,6 +109,13 @@ impl Builtins {
         self.publish_token = Some(token.into());
         self
     }
+
+    /// Turns on the live dashboard under `prefix` (`/admin/`), guarded by `token`.
+    pub fn admin(mut self, prefix: &str, token: impl Into<String>) -> Self {
+        self.admin = Some(prefix.to_owned());
+        self.admin_token = Some(token.into());
+        self
+    }
 }
 
 /// One built-in endpoint.
@@ -105,6 +125,8 @@ pub(crate) enum Builtin {
     Ready,
     Rooms,
     Publish,
+    AdminPage,
+    AdminSocket,
 }
 
 impl Builtin {
@@ -114,6 +136,8 @@ impl Builtin {
             Builtin::Ready => "ready",
             Builtin::Rooms => "rooms",
             Builtin::Publish => "publish",
+            Builtin::AdminPage => "admin",
+            Builtin::AdminSocket => "admin WebSocket",
         }
     }
 }
@@ -123,11 +147,33 @@ impl Builtin {
 pub(crate) struct Mounted {
     routes: HashMap<String, Builtin>,
     publish_token: Option<Box<[u8]>>,
+    admin_token: Option<Box<[u8]>>,
 }
 
 impl Mounted {
     pub(crate) fn get(&self, path: &str) -> Option<Builtin> {
         self.routes.get(path).copied()
+    }
+
+    pub(crate) fn admin_on(&self) -> bool {
+        self.admin_token.is_some()
+    }
+
+    /// Whether a request carries the dashboard token (`?token=` or `Authorization: Bearer`).
+    pub(crate) fn admin_allowed(&self, headers: &hyper::HeaderMap, query: Option<&str>) -> bool {
+        let Some(expected) = self.admin_token.as_deref() else {
+            return false;
+        };
+        if let Some(presented) = bearer(headers) {
+            return token_matches(presented, expected);
+        }
+        let presented = query.and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                (k == "token").then(|| percent_encoding::percent_decode_str(v).collect::<Vec<u8>>())
+            })
+        });
+        presented.is_some_and(|p| token_matches(&p, expected))
     }
 }
 
@@ -176,6 +222,20 @@ pub(crate) fn mount(app: &App, builtins: &Builtins) -> Result<Mounted, ServerErr
             wanted.push((format!("{api}publish"), Builtin::Publish));
         }
     }
+    let admin_token = match (&builtins.admin, builtins.admin_token.as_deref()) {
+        (None, _) => None,
+        (Some(_), None | Some("")) => {
+            return Err(ServerError::Config(
+                "the dashboard needs a token (--admin-token or CANAL_ADMIN_TOKEN)".to_owned(),
+            ));
+        }
+        (Some(p), Some(t)) => {
+            let admin = check_path("admin", p, true)?;
+            wanted.push((admin.clone(), Builtin::AdminPage));
+            wanted.push((format!("{admin}ws"), Builtin::AdminSocket));
+            Some(t.as_bytes().to_vec().into_boxed_slice())
+        }
+    };
     let mut routes = HashMap::new();
     for (path, builtin) in wanted {
         if let Some(found) = app.http.resolve(&path) {
@@ -203,6 +263,7 @@ pub(crate) fn mount(app: &App, builtins: &Builtins) -> Result<Mounted, ServerErr
     Ok(Mounted {
         routes,
         publish_token: token,
+        admin_token,
     })
 }
 
@@ -260,7 +321,37 @@ pub(crate) async fn serve(
         },
         Builtin::Publish if req.method() == hyper::Method::POST => publish(shared, req).await,
         Builtin::Publish => method_not_allowed("POST"),
-        Builtin::Metrics | Builtin::Ready | Builtin::Rooms => method_not_allowed("GET, HEAD"),
+        Builtin::AdminPage if read_only => {
+            if !shared
+                .builtins
+                .admin_allowed(req.headers(), req.uri().query())
+            {
+                return error(401, "the dashboard needs ?token=<admin token>");
+            }
+            let mut resp = hyper::Response::new(Full::new(Bytes::from_static(
+                super::admin::ADMIN_HTML.as_bytes(),
+            )));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            h.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            resp
+        }
+        Builtin::AdminSocket => {
+            let mut resp = error(426, "this path speaks WebSocket");
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            resp
+        }
+        Builtin::Metrics | Builtin::Ready | Builtin::Rooms | Builtin::AdminPage => {
+            method_not_allowed("GET, HEAD")
+        }
     }
 }
 
@@ -326,8 +417,8 @@ fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
     diff == 0
 }
 
-fn bearer(req: &hyper::Request<Incoming>) -> Option<&[u8]> {
-    let value = req.headers().get(header::AUTHORIZATION)?.as_bytes();
+fn bearer(headers: &hyper::HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
     let (scheme, rest) = value.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;
@@ -339,7 +430,7 @@ async fn publish(shared: &Arc<Shared>, req: hyper::Request<Incoming>) -> hyper::
     let Some(expected) = shared.builtins.publish_token.as_deref() else {
         return error(404, "publishing is off");
     };
-    let authorized = bearer(&req).is_some_and(|p| token_matches(p, expected));
+    let authorized = bearer(req.headers()).is_some_and(|p| token_matches(p, expected));
     if !authorized {
         let mut resp = error(
             401,

@@ -357,8 +357,36 @@ async fn upgrade(
         }
         _ => return bad("missing or invalid Sec-WebSocket-Key"),
     };
-    let Some(found) = shared.app.websocket.resolve(path) else {
-        return (plain(404, "Not Found"), Some(HandshakeFailure::NotFound));
+    let (endpoint, params) = match shared.app.websocket.resolve(path) {
+        Some(found) => (found.endpoint.clone(), found.params),
+        None if shared.builtins.get(path) == Some(super::builtins::Builtin::AdminSocket) => {
+            if !shared
+                .builtins
+                .admin_allowed(req.headers(), req.uri().query())
+            {
+                return (
+                    plain(401, "the dashboard needs ?token=<admin token>"),
+                    Some(HandshakeFailure::Refused),
+                );
+            }
+            let weak = Arc::downgrade(shared);
+            let admin_endpoint = match crate::consumer::ws(move || super::admin::AdminSocket {
+                shared: weak.clone(),
+            }) {
+                crate::routing::Target::Endpoint(mut e) => {
+                    e.metered = false;
+                    e
+                }
+                crate::routing::Target::Nested(_) => {
+                    return (
+                        plain(500, "Internal Server Error"),
+                        Some(HandshakeFailure::Error),
+                    );
+                }
+            };
+            (admin_endpoint, Vec::new())
+        }
+        None => return (plain(404, "Not Found"), Some(HandshakeFailure::NotFound)),
     };
     if shared.shutdown.is_cancelled() {
         return (
@@ -366,7 +394,6 @@ async fn upgrade(
             Some(HandshakeFailure::ShuttingDown),
         );
     }
-    let endpoint = found.endpoint.clone();
     let mut scope = Scope::new(
         ScopeKind::WebSocket,
         hyper::Method::GET,
@@ -375,7 +402,7 @@ async fn upgrade(
         req.headers(),
         peer,
     );
-    scope.set_params(&found.params);
+    scope.set_params(&params);
     scope.set_root_path(&shared.root_path);
     if let Err(rejection) = endpoint.factory.check(&scope) {
         return (

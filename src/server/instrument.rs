@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
+use super::admin::GroupTraffic;
 use super::stats::{LayerMetrics, LayerOp};
 use crate::consumer::Layer;
 use crate::layer::{ChannelLayer, Inbox, LayerError, LayerStats, LocalChannels, normalize};
@@ -16,11 +17,21 @@ use crate::message::Message;
 pub(crate) struct Instrumented {
     inner: Layer,
     metrics: Arc<LayerMetrics>,
+    /// Group sends per group, only while the dashboard is on.
+    traffic: Option<Arc<GroupTraffic>>,
 }
 
 impl Instrumented {
-    pub(crate) fn wrap(inner: Layer, metrics: Arc<LayerMetrics>) -> Layer {
-        Arc::new(Instrumented { inner, metrics })
+    pub(crate) fn wrap(
+        inner: Layer,
+        metrics: Arc<LayerMetrics>,
+        traffic: Option<Arc<GroupTraffic>>,
+    ) -> Layer {
+        Arc::new(Instrumented {
+            inner,
+            metrics,
+            traffic,
+        })
     }
 }
 
@@ -64,6 +75,9 @@ impl ChannelLayer for Instrumented {
             .observe(LayerOp::GroupSend, start.elapsed(), result.is_ok());
         if result.is_ok() {
             self.metrics.sent.add(label);
+            if let Some(traffic) = &self.traffic {
+                traffic.count(group);
+            }
         }
         result
     }

@@ -5,6 +5,7 @@
 //! header timeout); a WebSocket upgrade hands the raw socket to a connection task of our own
 //! ([`ws::conn`]) and hyper lets go of it.
 
+mod admin;
 mod builtins;
 pub mod config;
 mod http;
@@ -134,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) layer: Layer,
     pub(crate) stats: stats::Counters,
     pub(crate) builtins: builtins::Mounted,
+    /// The dashboard's state, when it is on.
+    pub(crate) admin: Option<admin::Admin>,
     /// `--root-path`, normalized (empty, or `/x` without a trailing slash).
     pub(crate) root_path: String,
     pub(crate) tracker: TaskTracker,
@@ -282,13 +285,20 @@ impl Server {
         let app = std::mem::take(&mut self.app);
         let limit = self.config.connection_limit();
         let counters = stats::Counters::new(&app.message_types);
-        let layer = instrument::Instrumented::wrap(layer, counters.layer.clone());
+        let builtins = self.builtins.take().unwrap_or_default();
+        let admin = builtins.admin_on().then(admin::Admin::new);
+        let layer = instrument::Instrumented::wrap(
+            layer,
+            counters.layer.clone(),
+            admin.as_ref().map(|a| a.traffic.clone()),
+        );
         let shared = Arc::new(Shared {
             app,
             config: self.config.clone(),
             layer,
             stats: counters,
-            builtins: self.builtins.take().unwrap_or_default(),
+            builtins,
+            admin,
             root_path: self
                 .config
                 .normalized_root_path()
@@ -317,6 +327,10 @@ impl Server {
         let shared = self.shared();
         tracing::debug!(local = listener.describe(), limit = shared.limit, "serving");
         let sweeper = tokio::spawn(sweeper(shared.clone()));
+        let sampler = shared
+            .admin
+            .is_some()
+            .then(|| tokio::spawn(admin::sampler(Arc::downgrade(&shared))));
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -368,6 +382,9 @@ impl Server {
             );
         }
         sweeper.abort();
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
         Ok(())
     }
 }

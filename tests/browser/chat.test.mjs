@@ -22,6 +22,7 @@ const CANAL = process.env.CANAL_BIN || path.join(TARGET, "debug", "canal");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const ARTIFACTS = path.join(HERE, "artifacts");
 const TOKEN = "browser-test-token";
+const ADMIN_TOKEN = "browser-admin-token";
 const ROOM = "e2e-room";
 const OTHER_ROOM = "e2e-elsewhere";
 const WAIT = 20_000; // generous: a reconnect backs off up to 10 s
@@ -63,7 +64,10 @@ class Canal {
   async start() {
     const child = spawn(
       CANAL,
-      ["serve", "--bind", `127.0.0.1:${this.port}`, "--publish-token", TOKEN, "--no-access-log"],
+      [
+        "serve", "--bind", `127.0.0.1:${this.port}`, "--publish-token", TOKEN,
+        "--admin", "--admin-token", ADMIN_TOKEN, "--no-access-log",
+      ],
       { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } },
     );
     this.child = child;
@@ -289,5 +293,30 @@ describe("the chat page in headless Chromium", () => {
     for (const page of Object.values(people)) {
       assert.deepEqual(page.errors || [], [], "no script errors on the page");
     }
+  });
+
+  test("the dashboard shows the live connections and draws its charts", async () => {
+    const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
+    const page = await context.newPage();
+    const denied = await page.goto(`${canal.base}/admin/`);
+    assert.equal(denied.status(), 401);
+    await page.goto(`${canal.base}/admin/?token=${ADMIN_TOKEN}`);
+    await page.waitForSelector('body[data-state="live"]', { timeout: WAIT });
+    // Alice, Bob and Carol, plus the dashboard's own socket.
+    await page.waitForFunction(
+      () => document.getElementById("websockets").textContent === "4"
+        && Number(document.body.dataset.updates || 0) >= 2,
+      null,
+      { timeout: WAIT },
+    );
+    const groups = await page.$$eval("#groups tr", (rows) => rows.map((r) =>
+      [...r.querySelectorAll("td")].map((td) => td.textContent)));
+    assert.deepEqual(groups, [[ROOM, "2"], [OTHER_ROOM, "1"]]);
+    // The chart canvases were drawn on (some pixel is not transparent).
+    const drawn = await page.$eval("#chart-connections", (c) =>
+      c.getContext("2d").getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0));
+    assert.ok(drawn, "the connections chart is drawn");
+    await shot(page, "09-dashboard");
+    await context.close();
   });
 });

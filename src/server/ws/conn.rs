@@ -109,6 +109,8 @@ pub(crate) struct Conn {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Accept headers and subprotocol wait here until the handshake answer is sent.
     decision: Option<Decision>,
+    /// Whether this connection's messages count in the server's totals.
+    metered: bool,
 }
 
 /// What ended a handler run.
@@ -124,6 +126,7 @@ impl Conn {
         scope: Arc<Scope>,
         inbox: Inbox,
         consumer: Box<dyn DynConsumer>,
+        metered: bool,
     ) -> Conn {
         let limits = Limits {
             max_frame_size: shared.config.max_frame_size,
@@ -145,6 +148,7 @@ impl Conn {
             ping_sent: 0,
             deadline: None,
             decision: None,
+            metered,
         }
     }
 
@@ -285,7 +289,9 @@ impl Conn {
     /// The one rule for layer messages: `websocket.send` / `websocket.accept` /
     /// `websocket.close` act on the socket; every other type goes to the consumer.
     fn apply_message(&mut self, message: Message) {
-        self.shared.stats.layer.received.count(message.kind());
+        if self.metered {
+            self.shared.stats.layer.received.count(message.kind());
+        }
         match message.kind() {
             Some("websocket.send") => {
                 // Channels 1: sending content before accepting accepts.
@@ -377,7 +383,9 @@ impl Conn {
                     Outgoing::Text(t) => (OpCode::Text, t.into_bytes()),
                     Outgoing::Binary(b) => (OpCode::Binary, b),
                 };
-                self.shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                if self.metered {
+                    self.shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                }
                 self.enqueue(opcode, payload, false);
             }
             Command::Close { code, reason } => {
@@ -569,13 +577,17 @@ impl Conn {
     fn on_incoming(&mut self, event: Incoming) {
         match event {
             Incoming::Text(text) => {
-                self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                if self.metered {
+                    self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                }
                 if self.phase == Phase::Open {
                     self.pending.push_back(Event::Frame(Frame::Text(text)));
                 }
             }
             Incoming::Binary(bytes) => {
-                self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                if self.metered {
+                    self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                }
                 if self.phase == Phase::Open {
                     self.pending.push_back(Event::Frame(Frame::Binary(bytes)));
                 }

@@ -40,8 +40,9 @@ pub(crate) async fn websocket_task(
         tasks: Vec::new(),
     };
     let consumer = endpoint.factory.make(cx);
+    let metered = endpoint.metered;
     drop(endpoint);
-    let mut conn = Conn::new(shared.clone(), scope.clone(), inbox, consumer);
+    let mut conn = Conn::new(shared.clone(), scope.clone(), inbox, consumer, metered);
     let joined = conn.declared_groups();
     let channel = conn.channel_name();
     for group in &joined {
