@@ -295,6 +295,17 @@ describe("the chat page in headless Chromium", () => {
     }
   });
 
+  test("a page that closes says goodbye: the others see a leave notice", async () => {
+    const { alice } = people;
+    const dave = await person("dave", ROOM);
+    await alice.waitForFunction(() => [...document.querySelectorAll('#messages li.msg[data-kind="join"] .author')]
+      .some((a) => a.textContent === "dave"), null, { timeout: WAIT });
+    await dave.context().close();
+    await alice.waitForFunction(() => [...document.querySelectorAll('#messages li.msg[data-kind="leave"] .author')]
+      .some((a) => a.textContent === "dave"), null, { timeout: WAIT });
+    await shot(alice, "09-alice-sees-dave-leave");
+  });
+
   test("the dashboard shows the live connections and draws its charts", async () => {
     const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
     const page = await context.newPage();
@@ -316,7 +327,7 @@ describe("the chat page in headless Chromium", () => {
     const drawn = await page.$eval("#chart-connections", (c) =>
       c.getContext("2d").getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0));
     assert.ok(drawn, "the connections chart is drawn");
-    await shot(page, "09-dashboard");
+    await shot(page, "10-dashboard");
     await context.close();
   });
 });
