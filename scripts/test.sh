@@ -3,10 +3,12 @@
 #   1. the Python venv for the channels_redis interop tests (~/.cache/canal/py-venv);
 #   2. `cargo test` (unit, integration over real sockets, real redis-server processes started
 #      per test, real Python channels_redis, doc tests, example builds);
-#   3. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
+#   3. the chat page end to end in headless Chromium (scripts/browser-test.sh; playwright-core
+#      is installed with npm ci into tests/browser/node_modules);
+#   4. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
 #
-# Outside CI, a missing outside part (redis-server, python3 with venv) is reported loudly and
-# its tests skip; under CI=true they fail instead.
+# Needs cargo, python3 with venv, redis-server, node 18+ with npm, and chromium. Outside CI a
+# missing outside part is reported loudly and its tests skip; under CI=true they fail instead.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -40,6 +42,9 @@ command -v redis-server >/dev/null || {
 echo "== cargo test"
 cargo test --all-targets
 cargo test --doc
+
+echo "== browser tests (headless Chromium)"
+bash scripts/browser-test.sh
 
 echo "== Autobahn|Testsuite cases 1-10"
 if python3 -c 'import venv, ensurepip' 2>/dev/null; then

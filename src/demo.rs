@@ -8,7 +8,10 @@
 //!   `{"type": "chat.message", "text" | "bytes": …}`; every member, sender included, gets it
 //!   verbatim. A room that is not a valid group name is refused before the upgrade with 400;
 //! - `/health` answers 200 `ok`;
-//! - `/` and `/chat/{room}/` serve the chat page; `/api/rooms` lists rooms with member counts.
+//! - `/` and `/chat/{room}/` serve the chat page.
+//!
+//! The room list the page shows comes from the server's built-in `/api/rooms`
+//! ([`Builtins`](crate::server::Builtins)), which `canal serve` mounts next to this app.
 
 use crate::consumer::{Context, Frame, Rejection, Request, Response, WebsocketConsumer, http, ws};
 use crate::layer::{LayerError, check_group_name};
@@ -94,21 +97,10 @@ fn tolerate_outage(result: Result<()>) -> Result<()> {
     }
 }
 
-async fn rooms(_req: Request) -> Result<Response> {
-    let layer = crate::seed::current_layer();
-    let Some(sizes) = layer.and_then(|l| l.group_sizes()) else {
-        return Ok(Response::error(404, "this layer cannot list rooms"));
-    };
-    let rooms: Vec<_> = sizes
-        .into_iter()
-        .map(|(name, members)| serde_json::json!({ "name": name, "members": members }))
-        .collect();
-    Response::json(&serde_json::json!({ "rooms": rooms }))
-}
-
-/// The demo app: chat page, `/ws/echo/`, `/ws/chat/{room}/`, `/health`, `/api/rooms`.
+/// The demo app: chat page, `/ws/echo/`, `/ws/chat/{room}/`, `/health`.
 pub fn app() -> App {
     App::new()
+        .message_type("chat.message")
         .websocket(path("/ws/echo/", ws(Echo::default)))
         .websocket(path("/ws/chat/{room}/", ws(ChatRoom::default)))
         .http(path(
@@ -123,5 +115,4 @@ pub fn app() -> App {
             "/chat/{room}/",
             http(|_req: Request| async { Ok(Response::html(CHAT_HTML)) }),
         ))
-        .http(path("/api/rooms", http(rooms)))
 }

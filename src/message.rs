@@ -547,7 +547,7 @@ fn from_rmpv(value: rmpv::Value) -> Result<Value, MessageError> {
     })
 }
 
-fn from_json_value(json: serde_json::Value) -> Result<Value, MessageError> {
+pub(crate) fn from_json_value(json: serde_json::Value) -> Result<Value, MessageError> {
     Ok(match json {
         serde_json::Value::Null => Value::Nil,
         serde_json::Value::Bool(b) => Value::Bool(b),

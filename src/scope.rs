@@ -156,6 +156,12 @@ impl Scope {
         self
     }
 
+    pub(crate) fn set_root_path(&mut self, root: &str) {
+        if !root.is_empty() {
+            self.root_path = root.into();
+        }
+    }
+
     pub(crate) fn set_params(&mut self, params: &[(String, String)]) {
         self.params = Pairs::from_iter(params.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
     }

@@ -196,7 +196,7 @@ impl WebsocketCommunicator {
                     headers,
                 }
             }
-            Ok(Decision::Reject(status)) => Connect::Rejected(status),
+            Ok(Decision::Reject(status, _)) => Connect::Rejected(status),
             Err(_) => Connect::Rejected(500),
         }
     }

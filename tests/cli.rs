@@ -1,100 +1,219 @@
-//! The `canal` binary: help text, config file, startup line.
+//! `canal serve` as a process, deployed the daphne way: an inherited socket (`--fd`), a Unix
+//! socket (`--unix-socket`), the publish token from the environment, and a clash between a
+//! moved built-in route and an app route refused at startup.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::process::Stdio;
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_canal");
-
-#[test]
-fn serve_help_lists_every_flag_with_its_default() {
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
-    for (flag, default) in [
-        ("--bind", "127.0.0.1:8000"),
-        ("--layer", "memory://"),
-        ("--max-message-size", "1048576"),
-        ("--max-frame-size", "1048576"),
-        ("--ping-interval", "20"),
-        ("--ping-timeout", "30"),
-        ("--header-timeout", "5"),
-        ("--accept-timeout", "5"),
-        ("--http-idle-timeout", "5"),
-        ("--max-body-size", "1048576"),
-        ("--overflow", "close"),
-        ("--shutdown-grace", "10"),
-    ] {
-        assert!(help.contains(flag), "{flag} missing from:\n{help}");
-        assert!(
-            help.contains(&format!("[default: {default}]")),
-            "default of {flag} missing"
-        );
-    }
-    assert!(help.contains("--max-connections") && help.contains("open-file limit"));
+fn canal() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_canal"));
+    cmd.args(["--log-level", "warn"]);
+    cmd.env_remove("CANAL_PUBLISH_TOKEN");
+    cmd
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Ends the child with SIGTERM (a graceful stop) and returns its exit status.
+fn stop(mut child: Child) -> std::process::ExitStatus {
+    let pid = rustix::process::Pid::from_child(&child);
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("canal did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Retries `probe` until it answers (the server may still be starting).
+async fn until_up<F, Fut>(mut probe: F) -> HttpResponse
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<HttpResponse>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(resp) = probe().await {
+            return resp;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "canal never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn socket_path(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "canal-cli-{tag}-{}-{}.sock",
+        std::process::id(),
+        fastrand::u32(..)
+    ))
 }
 
 #[tokio::test]
-async fn config_file_sets_options_and_flags_win() {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("canal-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("canal.toml");
-    std::fs::write(
-        &config,
-        "bind = \"127.0.0.1:1\"\nmax_message_size = 2048\nno_access_log = true\n",
-    )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
+async fn serves_on_an_inherited_tcp_socket() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The supervisor's socket arrives as the child's stdin: `--fd 0`.
+    let child = canal()
+        .args(["serve", "--fd", "0", "--publish-token", "t0k"])
+        .stdin(Stdio::from(OwnedFd::from(listener)))
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(
-        first.contains(&format!("http://127.0.0.1:{port}/")),
-        "startup line prints the URL: {first}"
-    );
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    // max_message_size from the file applies: 3000 bytes is too big.
-    let mut s = raw_ws(addr, "/ws/echo/").await;
-    s.write_all(&frame(true, 1, &[b'a'; 3000])).await.unwrap();
-    assert_eq!(read_close(&mut s).await, Some(1009));
-    child.kill().await.unwrap();
+    let resp = until_up(|| async move {
+        tokio::net::TcpStream::connect(addr).await.ok()?;
+        Some(get(addr, "/health").await)
+    })
+    .await;
+    assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+    assert_eq!(get(addr, "/ready").await.status, 200);
+    let mut a = connect(&format!("ws://{addr}/ws/chat/fd/")).await;
+    let resp = http_req(
+        addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", "Bearer t0k")],
+        br#"{"group":"fd","message":{"type":"chat.message","text":"pushed"}}"#,
+    )
+    .await;
+    assert_eq!(resp.status, 202, "{resp:?}");
+    assert_eq!(next_text(&mut a).await, "pushed");
+    futures_util::SinkExt::close(&mut a).await.unwrap();
+    assert!(stop(child).success());
+}
 
-    std::fs::write(&config, "bogus_option = 1\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
+#[tokio::test]
+async fn serves_on_an_inherited_unix_socket_and_refuses_what_is_not_one() {
+    let path = socket_path("fd");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let child = canal()
+        .args(["serve", "--fd", "0"])
+        .stdin(Stdio::from(OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = path.clone();
+    let resp = until_up(|| {
+        let p = p.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(&p).await.ok()?;
+            Some(http_on(s, "GET", "/health", &[], b"").await)
+        }
+    })
+    .await;
+    assert_eq!(resp.status, 200);
+    assert!(stop(child).success());
+    let _ = std::fs::remove_file(&path);
+
+    // Not a socket at all.
+    let out = canal()
+        .args(["serve", "--fd", "0"])
+        .stdin(Stdio::null())
         .output()
-        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("file descriptor 0"), "{err}");
+    // A socket that is not listening.
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let out = canal()
+        .args(["serve", "--fd", "0"])
+        .stdin(Stdio::from(OwnedFd::from(a)))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a listening stream socket"), "{err}");
+}
+
+#[tokio::test]
+async fn serves_on_a_unix_socket_path_with_a_root_path() {
+    let path = socket_path("path");
+    // A stale socket file from a previous run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let child = canal()
+        .args(["serve", "--root-path", "/rt", "--unix-socket"])
+        .arg(&path)
+        .env("CANAL_PUBLISH_TOKEN", "from-env")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = path.clone();
+    let resp = until_up(|| {
+        let p = p.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(&p).await.ok()?;
+            Some(http_on(s, "GET", "/rt/health", &[], b"").await)
+        }
+    })
+    .await;
+    assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+    let s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let resp = http_on(
+        s,
+        "POST",
+        "/rt/api/publish",
+        &[("Authorization", "Bearer from-env")],
+        br#"{"group":"x","message":{"type":"chat.message","text":"hi"}}"#,
+    )
+    .await;
+    assert_eq!(resp.status, 202, "{resp:?}");
+    assert!(stop(child).success());
+    assert!(!path.exists(), "the socket file is removed on exit");
+}
+
+#[tokio::test]
+async fn a_builtin_moved_onto_an_app_route_is_an_error_at_startup() {
+    let out = canal()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--metrics-path",
+            "/health",
+        ])
+        .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("built-in metrics route \"/health\" clashes with the app's HTTP route"),
+        "{err}"
+    );
+    // Switched off, the clash is gone.
+    let mut child = canal()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--metrics-path",
+            "/health",
+            "--no-metrics",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(
+        line.starts_with("canal serving on http://127.0.0.1:"),
+        "{line}"
+    );
+    assert!(stop(child).success());
+    drop(stdout);
 }

@@ -7,7 +7,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use std::sync::Arc;
 
-use canal::server::{OverflowPolicy, ServerConfig};
+use canal::server::{Builtins, Inherited, OverflowPolicy, ServerConfig, adopt_fd};
 use canal::worker::Worker;
 use canal::{Layer, LayerError, MemoryLayer, Message, RedisConfig, RedisLayer, Server, demo};
 
@@ -129,6 +129,132 @@ struct ServeArgs {
     /// Turn off the access log (one line per request / WebSocket connect / disconnect).
     #[arg(long)]
     no_access_log: bool,
+    #[command(flatten)]
+    deploy: Box<DeployArgs>,
+}
+
+/// Running behind a proxy or a supervisor, and the built-in routes.
+#[derive(Args, Debug)]
+struct DeployArgs {
+    /// Listen on this Unix socket instead of TCP (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["fd"])]
+    unix_socket: Option<std::path::PathBuf>,
+    /// Serve on an already-bound listening socket (TCP or Unix) handed over by a supervisor.
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+    /// Path prefix the server is mounted under behind a proxy; it is stripped before routing.
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    root_path: String,
+    /// Bearer token that turns on `POST <api>publish` (or set CANAL_PUBLISH_TOKEN).
+    #[arg(long, value_name = "TOKEN")]
+    publish_token: Option<String>,
+    /// Path of the Prometheus metrics endpoint.
+    #[arg(long, value_name = "PATH", default_value = "/metrics")]
+    metrics_path: String,
+    /// Switch the metrics endpoint off.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Path of the readiness endpoint (checks the channel layer).
+    #[arg(long, value_name = "PATH", default_value = "/ready")]
+    ready_path: String,
+    /// Switch the readiness endpoint off.
+    #[arg(long)]
+    no_ready: bool,
+    /// Prefix of the JSON API (`<prefix>rooms`, `<prefix>publish`).
+    #[arg(long, value_name = "PREFIX", default_value = "/api/")]
+    api_path: String,
+    /// Switch the JSON API off (the room list on `/` then shows no rooms).
+    #[arg(long)]
+    no_api: bool,
+    /// Turn on the live dashboard (off by default).
+    #[arg(long)]
+    admin: bool,
+    /// Prefix of the dashboard (`<prefix>` page, `<prefix>ws` WebSocket).
+    #[arg(long, value_name = "PREFIX", default_value = "/admin/")]
+    admin_path: String,
+    /// Token the dashboard requires (or set CANAL_ADMIN_TOKEN; default: a random one, printed).
+    #[arg(long, value_name = "TOKEN")]
+    admin_token: Option<String>,
+}
+
+impl DeployArgs {
+    /// The dashboard token: given, from the environment, or made up now.
+    fn admin_token(&self) -> Option<String> {
+        if !self.admin {
+            return None;
+        }
+        let given = self
+            .admin_token
+            .clone()
+            .or_else(|| std::env::var("CANAL_ADMIN_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        Some(given.unwrap_or_else(|| {
+            std::iter::repeat_with(fastrand::alphanumeric)
+                .take(24)
+                .collect()
+        }))
+    }
+
+    fn builtins(&self, admin_token: Option<&str>) -> Builtins {
+        let publish_token = self
+            .publish_token
+            .clone()
+            .or_else(|| std::env::var("CANAL_PUBLISH_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        let mut builtins = Builtins::default()
+            .metrics((!self.no_metrics).then_some(self.metrics_path.as_str()))
+            .ready((!self.no_ready).then_some(self.ready_path.as_str()))
+            .api((!self.no_api).then_some(self.api_path.as_str()));
+        if let Some(token) = publish_token {
+            builtins = builtins.publish_token(token);
+        }
+        if let Some(token) = admin_token {
+            builtins = builtins.admin(&self.admin_path, token);
+        }
+        builtins
+    }
+}
+
+/// Where `canal serve` listens.
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, Option<std::path::PathBuf>),
+}
+
+/// Binds the Unix socket at `path`, replacing a stale socket file nobody listens on.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is listening on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+async fn bind(args: &ServeArgs) -> Result<Bound, String> {
+    if let Some(path) = &args.deploy.unix_socket {
+        return bind_unix(path)
+            .map(|l| Bound::Unix(l, Some(path.clone())))
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()));
+    }
+    if let Some(fd) = args.deploy.fd {
+        return match adopt_fd(fd) {
+            Ok(Inherited::Tcp(l)) => Ok(Bound::Tcp(l)),
+            Ok(Inherited::Unix(l)) => Ok(Bound::Unix(l, None)),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .map(Bound::Tcp)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.bind))
 }
 
 fn init_logging(filter: &str) {
@@ -403,27 +529,74 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.overflow = args.overflow;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
     config.access_log = !args.no_access_log;
-
-    let listener = match tokio::net::TcpListener::bind(&args.bind).await {
-        Ok(listener) => listener,
+    config.root_path = args.deploy.root_path.clone();
+    let root = match config.normalized_root_path() {
+        Ok(root) => root,
         Err(e) => {
-            eprintln!("canal: cannot listen on {}: {e}", args.bind);
+            eprintln!("canal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let admin_token = args.deploy.admin_token();
+    let mut server = match Server::new(demo::app())
+        .with_config(config)
+        .with_layer(layer)
+        .with_builtins(args.deploy.builtins(admin_token.as_deref()))
+    {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("canal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bound = match bind(&args).await {
+        Ok(bound) => bound,
+        Err(e) => {
+            eprintln!("canal: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let addr = listener
-        .local_addr()
-        .map_or(args.bind.clone(), |a| a.to_string());
-    let mut server = Server::new(demo::app())
-        .with_config(config)
-        .with_layer(layer);
     let handle = server.handle();
-    println!(
-        "canal serving on http://{addr}/ (chat page), ws://{addr}/ws/echo/ and ws://{addr}/ws/chat/{{room}}/ \
-         — {layer_name}, up to {} connections; Ctrl-C to stop",
-        handle.connection_limit()
-    );
-    match server.serve(listener, shutdown_signal()).await {
+    let limit = handle.connection_limit();
+    let shutdown = shutdown_signal();
+    let result = match bound {
+        Bound::Tcp(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_or(args.bind.clone(), |a| a.to_string());
+            println!(
+                "canal serving on http://{addr}{root}/ (chat page), ws://{addr}{root}/ws/echo/ and \
+                 ws://{addr}{root}/ws/chat/{{room}}/ — {layer_name}, up to {limit} connections; \
+                 Ctrl-C to stop"
+            );
+            if let Some(token) = &admin_token {
+                let admin = args.deploy.admin_path.trim_end_matches('/');
+                println!("canal dashboard on http://{addr}{root}{admin}/?token={token}");
+            }
+            server.serve(listener, shutdown).await
+        }
+        Bound::Unix(listener, path) => {
+            let shown = path.as_ref().map_or_else(
+                || "an inherited socket".to_owned(),
+                |p| p.display().to_string(),
+            );
+            println!(
+                "canal serving on unix:{shown} (chat page at {root}/) — {layer_name}, up to \
+                 {limit} connections; Ctrl-C to stop"
+            );
+            if let Some(token) = &admin_token {
+                let admin = args.deploy.admin_path.trim_end_matches('/');
+                println!("canal dashboard at {root}{admin}/?token={token}");
+            }
+            let result = server.serve(listener, shutdown).await;
+            if let Some(path) = path {
+                let _ = std::fs::remove_file(path);
+            }
+            result
+        }
+    };
+    match result {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -435,26 +608,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, so a
+/// signal that arrives after the "serving" line is always a graceful stop.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = wait(term) => {}
+            () = wait(int) => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }

@@ -237,6 +237,9 @@ where
 #[derive(Clone)]
 pub struct WebsocketEndpoint {
     pub(crate) factory: Arc<dyn Factory>,
+    /// Whether the connection's messages count in the server's message totals (the
+    /// dashboard's own socket does not).
+    pub(crate) metered: bool,
 }
 
 impl std::fmt::Debug for WebsocketEndpoint {
@@ -253,5 +256,6 @@ where
 {
     crate::routing::Target::Endpoint(WebsocketEndpoint {
         factory: Arc::new(FnFactory(make)),
+        metered: true,
     })
 }

@@ -67,6 +67,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Log one line per request, WebSocket connect and disconnect.
     pub access_log: bool,
+    /// A prefix the server is mounted under behind a proxy (`/chat-app`, daphne's
+    /// `--root-path`): it is stripped from request paths before routing, a path outside it
+    /// gets 404, and the bare prefix is redirected to the prefix with a slash. Empty: none.
+    pub root_path: String,
 }
 
 impl Default for ServerConfig {
@@ -89,11 +93,29 @@ impl Default for ServerConfig {
             app_close_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             access_log: true,
+            root_path: String::new(),
         }
     }
 }
 
 impl ServerConfig {
+    /// The root path in canonical form: empty, or `/` followed by text, with no trailing
+    /// slash. A value that is not a path (no leading `/`, or holding `?` or `#`) is an error.
+    pub fn normalized_root_path(&self) -> Result<String, String> {
+        let root = self.root_path.trim_end_matches('/');
+        if root.is_empty() {
+            return Ok(String::new());
+        }
+        if !root.starts_with('/') || root.contains(['?', '#']) || root.contains(char::is_whitespace)
+        {
+            return Err(format!(
+                "root path {:?} must start with '/' and hold no '?', '#' or whitespace",
+                self.root_path
+            ));
+        }
+        Ok(root.to_owned())
+    }
+
     /// The connection limit in force: the configured one, or the open-file limit minus a
     /// reserve for the listener, log files, Redis connections and the like.
     pub fn connection_limit(&self) -> usize {

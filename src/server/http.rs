@@ -16,11 +16,11 @@ use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::ws::conn::Decision;
+use super::stats::HandshakeFailure;
+use super::ws::conn::{Decision, fmt_peer};
 use super::ws::{UpgradeSource, websocket_task};
 use super::{ConnGuard, Shared, coarse_secs};
 use crate::consumer::Request;
@@ -46,7 +46,7 @@ fn plain(status: u16, text: &str) -> hyper::Response<Body> {
 }
 
 /// Answers 503 to a connection over the limit, then closes it.
-pub(crate) async fn refuse_busy(mut stream: TcpStream) {
+pub(crate) async fn refuse_busy<I: AsyncWrite + Unpin>(mut stream: I) {
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(1),
         stream.write_all(
@@ -63,14 +63,15 @@ struct Activity {
     last: AtomicU32,
 }
 
-/// Serves one TCP connection with hyper until it closes, is idle too long, or the server stops.
-pub(crate) async fn serve_connection(
+/// Serves one connection with hyper until it closes, is idle too long, or the server stops.
+pub(crate) async fn serve_connection<I>(
     shared: Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: I,
+    peer: Option<SocketAddr>,
     guard: ConnGuard,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::default());
     activity.last.store(coarse_secs(), Ordering::Relaxed);
     let svc = {
@@ -106,7 +107,7 @@ pub(crate) async fn serve_connection(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    tracing::debug!(peer = fmt_peer(peer), error = %e, "HTTP connection ended with an error");
                 }
                 break;
             }
@@ -126,17 +127,56 @@ pub(crate) async fn serve_connection(
     drop(guard);
 }
 
+/// Where a request path stands with respect to the root path.
+enum Rooted<'a> {
+    /// Inside it: route this (the root path stripped).
+    Path(&'a str),
+    /// The bare prefix: redirect to the prefix with a slash.
+    Bare,
+    /// Outside it.
+    Outside,
+}
+
+fn strip_root<'a>(root: &str, path: &'a str) -> Rooted<'a> {
+    if root.is_empty() {
+        return Rooted::Path(path);
+    }
+    match path.strip_prefix(root) {
+        Some("") => Rooted::Bare,
+        Some(rest) if rest.starts_with('/') => Rooted::Path(rest),
+        _ => Rooted::Outside,
+    }
+}
+
+fn redirect_to_root(root: &str, query: Option<&str>) -> hyper::Response<Body> {
+    let mut location = format!("{root}/");
+    if let Some(q) = query {
+        location.push('?');
+        location.push_str(q);
+    }
+    let mut resp = plain(308, "Permanent Redirect");
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
 /// Routes one request: WebSocket upgrade or plain HTTP.
 async fn handle(
     shared: &Arc<Shared>,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Body> {
     let raw_path = req.uri().path().to_owned();
-    let Ok(path) = percent_encoding::percent_decode_str(&raw_path).decode_utf8() else {
+    let Ok(decoded) = percent_encoding::percent_decode_str(&raw_path).decode_utf8() else {
         return plain(400, "path is not valid UTF-8");
     };
-    let path = path.into_owned();
+    let path = match strip_root(&shared.root_path, &decoded) {
+        Rooted::Path(path) => path.to_owned(),
+        Rooted::Bare => return redirect_to_root(&shared.root_path, req.uri().query()),
+        Rooted::Outside => return plain(404, "Not Found"),
+    };
+    let peer_text = fmt_peer(peer);
     let is_upgrade = req
         .headers()
         .get_all(header::UPGRADE)
@@ -147,15 +187,12 @@ async fn handle(
                 .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
         });
     if is_upgrade {
-        let resp = upgrade(shared, peer, &path, req).await;
-        let status = resp.status().as_u16();
-        if status != 101 {
-            shared
-                .stats
-                .websocket_rejected
-                .fetch_add(1, Ordering::Relaxed);
+        let (resp, failure) = upgrade(shared, peer, &path, req).await;
+        if let Some(reason) = failure {
+            shared.stats.handshake_failed(reason);
             if shared.config.access_log {
-                tracing::info!(target: "canal::access", "{peer} - - \"WSREJECT {path}\" {status}");
+                let status = resp.status().as_u16();
+                tracing::info!(target: "canal::access", "{peer_text} - - \"WSREJECT {path}\" {status}");
             }
         }
         return resp;
@@ -169,7 +206,7 @@ async fn handle(
             .unwrap_or(0);
         tracing::info!(
             target: "canal::access",
-            "{peer} - - \"{method} {path}\" {} {size}",
+            "{peer_text} - - \"{method} {path}\" {} {size}",
             resp.status().as_u16()
         );
     }
@@ -178,11 +215,14 @@ async fn handle(
 
 async fn plain_http(
     shared: &Arc<Shared>,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     path: &str,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Body> {
     let Some(found) = shared.app.http.resolve(path) else {
+        if let Some(builtin) = shared.builtins.get(path) {
+            return super::builtins::serve(shared, builtin, req).await;
+        }
         if shared.app.websocket.resolve(path).is_some() {
             let mut resp = plain(426, "this path speaks WebSocket");
             resp.headers_mut()
@@ -198,9 +238,10 @@ async fn plain_http(
         path,
         req.uri().query().unwrap_or(""),
         req.headers(),
-        Some(peer),
+        peer,
     );
     scope.set_params(&found.params);
+    scope.set_root_path(&shared.root_path);
     let body = match Limited::new(req.into_body(), shared.config.max_body_size)
         .collect()
         .await
@@ -280,18 +321,19 @@ pub(crate) fn accept_key(key: &[u8]) -> String {
 /// in a connection task and answers with what it decided.
 async fn upgrade(
     shared: &Arc<Shared>,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     path: &str,
     mut req: hyper::Request<Incoming>,
-) -> hyper::Response<Body> {
+) -> (hyper::Response<Body>, Option<HandshakeFailure>) {
+    let bad = |text: &str| (plain(400, text), Some(HandshakeFailure::BadRequest));
     if req.method() != hyper::Method::GET {
-        return plain(400, "WebSocket upgrade requires GET");
+        return bad("WebSocket upgrade requires GET");
     }
     if req.version() != hyper::Version::HTTP_11 {
-        return plain(400, "WebSocket upgrade requires HTTP/1.1");
+        return bad("WebSocket upgrade requires HTTP/1.1");
     }
     if !header_has_token(&req, header::CONNECTION, "upgrade") {
-        return plain(400, "WebSocket upgrade requires 'Connection: Upgrade'");
+        return bad("WebSocket upgrade requires 'Connection: Upgrade'");
     }
     let version_ok = req
         .headers()
@@ -303,7 +345,7 @@ async fn upgrade(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
-        return resp;
+        return (resp, Some(HandshakeFailure::BadVersion));
     }
     let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
         Some(key)
@@ -313,26 +355,60 @@ async fn upgrade(
         {
             key.as_bytes().to_vec()
         }
-        _ => return plain(400, "missing or invalid Sec-WebSocket-Key"),
+        _ => return bad("missing or invalid Sec-WebSocket-Key"),
     };
-    let Some(found) = shared.app.websocket.resolve(path) else {
-        return plain(404, "Not Found");
+    let (endpoint, params) = match shared.app.websocket.resolve(path) {
+        Some(found) => (found.endpoint.clone(), found.params),
+        None if shared.builtins.get(path) == Some(super::builtins::Builtin::AdminSocket) => {
+            if !shared
+                .builtins
+                .admin_allowed(req.headers(), req.uri().query())
+            {
+                return (
+                    plain(401, "the dashboard needs ?token=<admin token>"),
+                    Some(HandshakeFailure::Refused),
+                );
+            }
+            let weak = Arc::downgrade(shared);
+            let admin_endpoint = match crate::consumer::ws(move || super::admin::AdminSocket {
+                shared: weak.clone(),
+            }) {
+                crate::routing::Target::Endpoint(mut e) => {
+                    e.metered = false;
+                    e
+                }
+                crate::routing::Target::Nested(_) => {
+                    return (
+                        plain(500, "Internal Server Error"),
+                        Some(HandshakeFailure::Error),
+                    );
+                }
+            };
+            (admin_endpoint, Vec::new())
+        }
+        None => return (plain(404, "Not Found"), Some(HandshakeFailure::NotFound)),
     };
     if shared.shutdown.is_cancelled() {
-        return plain(503, "server shutting down");
+        return (
+            plain(503, "server shutting down"),
+            Some(HandshakeFailure::ShuttingDown),
+        );
     }
-    let endpoint = found.endpoint.clone();
     let mut scope = Scope::new(
         ScopeKind::WebSocket,
         hyper::Method::GET,
         path,
         req.uri().query().unwrap_or(""),
         req.headers(),
-        Some(peer),
+        peer,
     );
-    scope.set_params(&found.params);
+    scope.set_params(&params);
+    scope.set_root_path(&shared.root_path);
     if let Err(rejection) = endpoint.factory.check(&scope) {
-        return plain(rejection.status, &rejection.message);
+        return (
+            plain(rejection.status, &rejection.message),
+            Some(HandshakeFailure::Refused),
+        );
     }
     let offered: Vec<String> = scope.subprotocols().map(str::to_owned).collect();
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -347,9 +423,11 @@ async fn upgrade(
         tx,
         Some(guard),
     ));
-    let decision = rx.await.unwrap_or(Decision::Reject(500));
+    let decision = rx
+        .await
+        .unwrap_or(Decision::Reject(500, HandshakeFailure::Error));
     match decision {
-        Decision::Reject(status) => plain(status, reject_text(status)),
+        Decision::Reject(status, reason) => (plain(status, reject_text(status)), Some(reason)),
         Decision::Accept {
             subprotocol,
             headers,
@@ -385,7 +463,7 @@ async fn upgrade(
                     h.append(n, v);
                 }
             }
-            resp
+            (resp, None)
         }
     }
 }

@@ -5,8 +5,12 @@
 //! header timeout); a WebSocket upgrade hands the raw socket to a connection task of our own
 //! ([`ws::conn`]) and hyper lets go of it.
 
+mod admin;
+mod builtins;
 pub mod config;
 mod http;
+mod instrument;
+pub mod listener;
 mod stats;
 pub(crate) mod ws;
 
@@ -15,12 +19,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use builtins::Builtins;
 pub use config::{OverflowPolicy, ServerConfig};
-pub use stats::ServerStats;
+pub use listener::{AdoptError, Inherited, Listener, adopt_fd};
+pub use stats::{
+    BUILTIN_MESSAGE_TYPES, HandshakeFailure, Histogram, LATENCY_BUCKETS, LayerOp, OTHER_TYPE,
+    ServerStats,
+};
 
 use crate::consumer::{HttpEndpoint, Layer, WebsocketEndpoint};
 use crate::layer::{MemoryLayer, Signal};
@@ -36,6 +44,29 @@ pub enum ServerError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A built-in route would share its path with an app route or another built-in.
+    #[error(
+        "the built-in {builtin} route {path:?} clashes with {with}; move the built-in route \
+         or switch it off"
+    )]
+    RouteClash {
+        /// The built-in route (`metrics`, `ready`, `rooms`, `publish`).
+        builtin: &'static str,
+        /// The path both would answer.
+        path: String,
+        /// What it clashes with.
+        with: String,
+    },
+    /// A built-in route was given a path it cannot have.
+    #[error("invalid path {path:?} for the built-in {builtin} route: {problem}")]
+    BuiltinPath {
+        /// The built-in route.
+        builtin: &'static str,
+        /// The path given.
+        path: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
 }
 
 /// The application: what runs for HTTP requests and for WebSocket connections, routed by path
@@ -44,6 +75,7 @@ pub enum ServerError {
 pub struct App {
     pub(crate) http: Router<HttpEndpoint>,
     pub(crate) websocket: Router<WebsocketEndpoint>,
+    pub(crate) message_types: Vec<String>,
 }
 
 impl std::fmt::Debug for App {
@@ -84,6 +116,16 @@ impl App {
         self.http = router;
         self
     }
+
+    /// Declares a layer message type the app uses (`"chat.message"`), so metrics count it
+    /// under its own label. Undeclared types are counted as `other`, which keeps the number of
+    /// time series bounded whatever clients send.
+    pub fn message_type(mut self, kind: &str) -> Self {
+        if !self.message_types.iter().any(|t| t == kind) {
+            self.message_types.push(kind.to_owned());
+        }
+        self
+    }
 }
 
 /// State shared by every connection task of one server.
@@ -92,6 +134,11 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) layer: Layer,
     pub(crate) stats: stats::Counters,
+    pub(crate) builtins: builtins::Mounted,
+    /// The dashboard's state, when it is on.
+    pub(crate) admin: Option<admin::Admin>,
+    /// `--root-path`, normalized (empty, or `/x` without a trailing slash).
+    pub(crate) root_path: String,
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
     pub(crate) connections: AtomicUsize,
@@ -129,6 +176,7 @@ pub struct Server {
     app: App,
     config: ServerConfig,
     layer: Option<Layer>,
+    builtins: Option<builtins::Mounted>,
     stats: Option<Arc<Shared>>,
 }
 
@@ -174,6 +222,12 @@ impl ServerHandle {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+
+    /// The server's figures in the Prometheus text exposition format (what the built-in
+    /// metrics route serves), for apps that expose them their own way.
+    pub fn prometheus(&self) -> String {
+        builtins::render_metrics(self)
+    }
 }
 
 impl Server {
@@ -183,8 +237,23 @@ impl Server {
             app,
             config: ServerConfig::default(),
             layer: None,
+            builtins: None,
             stats: None,
         }
+    }
+
+    /// Mounts the built-in routes ([`Builtins`]: metrics, readiness, rooms, publish) next to
+    /// the app's routes. Fails when one of them would answer a path an app route matches (or
+    /// two built-ins share a path): move it or switch it off. Call it after the app is
+    /// complete and before [`handle`](Self::handle) or [`serve`](Self::serve).
+    pub fn with_builtins(mut self, builtins: Builtins) -> Result<Self, ServerError> {
+        if self.stats.is_some() {
+            return Err(ServerError::Config(
+                "with_builtins must be called before handle() or serve()".to_owned(),
+            ));
+        }
+        self.builtins = Some(builtins::mount(&self.app, &builtins)?);
+        Ok(self)
     }
 
     /// Uses `layer` instead of a fresh [`MemoryLayer`].
@@ -215,11 +284,25 @@ impl Server {
             .unwrap_or_else(|| Arc::new(MemoryLayer::default()));
         let app = std::mem::take(&mut self.app);
         let limit = self.config.connection_limit();
+        let counters = stats::Counters::new(&app.message_types);
+        let builtins = self.builtins.take().unwrap_or_default();
+        let admin = builtins.admin_on().then(admin::Admin::new);
+        let layer = instrument::Instrumented::wrap(
+            layer,
+            counters.layer.clone(),
+            admin.as_ref().map(|a| a.traffic.clone()),
+        );
         let shared = Arc::new(Shared {
             app,
             config: self.config.clone(),
             layer,
-            stats: stats::Counters::default(),
+            stats: counters,
+            builtins,
+            admin,
+            root_path: self
+                .config
+                .normalized_root_path()
+                .unwrap_or_else(|_| self.config.root_path.clone()),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             connections: AtomicUsize::new(0),
@@ -229,18 +312,25 @@ impl Server {
         shared
     }
 
-    /// Serves connections from `listener` until `shutdown` completes, then shuts down
-    /// gracefully: stops accepting, closes WebSockets with 1001, lets handlers finish within
-    /// the grace period.
-    pub async fn serve(
+    /// Serves connections from `listener` (a [`tokio::net::TcpListener`], a
+    /// [`tokio::net::UnixListener`] or any other [`Listener`]) until `shutdown` completes,
+    /// then shuts down gracefully: stops accepting, closes WebSockets with 1001, lets handlers
+    /// finish within the grace period.
+    pub async fn serve<L: Listener>(
         mut self,
-        listener: TcpListener,
+        mut listener: L,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
+        self.config
+            .normalized_root_path()
+            .map_err(ServerError::Config)?;
         let shared = self.shared();
-        let local = listener.local_addr()?;
-        tracing::debug!(%local, limit = shared.limit, "serving");
+        tracing::debug!(local = listener.describe(), limit = shared.limit, "serving");
         let sweeper = tokio::spawn(sweeper(shared.clone()));
+        let sampler = shared
+            .admin
+            .is_some()
+            .then(|| tokio::spawn(admin::sampler(Arc::downgrade(&shared))));
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -292,6 +382,9 @@ impl Server {
             );
         }
         sweeper.abort();
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
         Ok(())
     }
 }

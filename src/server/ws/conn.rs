@@ -34,6 +34,7 @@ use crate::layer::{DropReason, Inbox, Signal};
 use crate::message::Message;
 use crate::scope::Scope;
 use crate::server::config::OverflowPolicy;
+use crate::server::stats::HandshakeFailure;
 use crate::server::{Shared, coarse_secs};
 
 /// Size of the per-thread read buffer: one read takes at most this much from a socket.
@@ -54,7 +55,7 @@ pub(crate) enum Decision {
         headers: Vec<(String, String)>,
     },
     /// Refused with this HTTP status (403 deny or timeout, 500 error, 503 shutting down).
-    Reject(u16),
+    Reject(u16, HandshakeFailure),
 }
 
 /// One queued outbound frame: an inline header and a shared payload.
@@ -109,6 +110,8 @@ pub(crate) struct Conn {
     /// Accept headers and subprotocol wait here until the handshake answer is sent (boxed: it
     /// is empty for the whole life of an open connection).
     decision: Option<Box<Decision>>,
+    /// Whether this connection's messages count in the server's totals.
+    metered: bool,
 }
 
 /// What ended a handler run.
@@ -124,6 +127,7 @@ impl Conn {
         scope: Arc<Scope>,
         inbox: Inbox,
         consumer: Box<dyn DynConsumer>,
+        metered: bool,
     ) -> Conn {
         let limits = Limits {
             max_frame_size: shared.config.max_frame_size,
@@ -145,6 +149,7 @@ impl Conn {
             ping_sent: 0,
             deadline: None,
             decision: None,
+            metered,
         }
     }
 
@@ -228,7 +233,7 @@ impl Conn {
                     .stats
                     .handshake_timeouts
                     .fetch_add(1, Ordering::Relaxed);
-                return Poll::Ready(Decision::Reject(403));
+                return Poll::Ready(Decision::Reject(403, HandshakeFailure::Timeout));
             }
             Poll::Pending
         })
@@ -239,12 +244,12 @@ impl Conn {
         self.inbox.mailbox().register(cx);
         loop {
             if self.inbox.mailbox().take_signals() & Signal::Shutdown as u8 != 0 {
-                return Some(Decision::Reject(503));
+                return Some(Decision::Reject(503, HandshakeFailure::ShuttingDown));
             }
             if let Some(outcome) = self.poll_handler(cx) {
                 self.report(&outcome);
                 if !matches!(outcome, HandlerOutcome::Ok) {
-                    return Some(Decision::Reject(500));
+                    return Some(Decision::Reject(500, HandshakeFailure::Error));
                 }
             }
             self.absorb_mailbox();
@@ -285,6 +290,9 @@ impl Conn {
     /// The one rule for layer messages: `websocket.send` / `websocket.accept` /
     /// `websocket.close` act on the socket; every other type goes to the consumer.
     fn apply_message(&mut self, message: Message) {
+        if self.metered {
+            self.shared.stats.layer.received.count(message.kind());
+        }
         match message.kind() {
             Some("websocket.send") => {
                 // Channels 1: sending content before accepting accepts.
@@ -376,14 +384,17 @@ impl Conn {
                     Outgoing::Text(t) => (OpCode::Text, t.into_bytes()),
                     Outgoing::Binary(b) => (OpCode::Binary, b),
                 };
-                self.shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                if self.metered {
+                    self.shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                }
                 self.enqueue(opcode, payload, false);
             }
             Command::Close { code, reason } => {
                 if !self.accepted {
                     if self.decision.is_none() {
                         self.accepted = true; // nothing more to decide
-                        self.decision = Some(Box::new(Decision::Reject(403)));
+                        self.decision =
+                            Some(Box::new(Decision::Reject(403, HandshakeFailure::Denied)));
                     }
                     return;
                 }
@@ -568,13 +579,17 @@ impl Conn {
     fn on_incoming(&mut self, event: Incoming) {
         match event {
             Incoming::Text(text) => {
-                self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                if self.metered {
+                    self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                }
                 if self.phase == Phase::Open {
                     self.pending.push_back(Event::Frame(Frame::Text(text)));
                 }
             }
             Incoming::Binary(bytes) => {
-                self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                if self.metered {
+                    self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                }
                 if self.phase == Phase::Open {
                     self.pending.push_back(Event::Frame(Frame::Binary(bytes)));
                 }
@@ -931,7 +946,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
                 )
                 .await;
                 drop(io);
+                let shared = conn.shared.clone();
                 conn.finish(joined).await;
+                shared
+                    .stats
+                    .websocket_closed
+                    .fetch_add(1, Ordering::Relaxed);
             }));
         }
         match this.tail.as_mut() {
@@ -958,9 +978,13 @@ pub(crate) async fn finish_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) -> Opt
         }
         Err(_) => return None,
     };
+    let upgraded = match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => return Some(Upgraded::Tcp(parts.io.into_inner(), parts.read_buf)),
+        Err(other) => other,
+    };
     Some(
-        match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
-            Ok(parts) => Upgraded::Tcp(parts.io.into_inner(), parts.read_buf),
+        match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::UnixStream>>() {
+            Ok(parts) => Upgraded::Unix(parts.io.into_inner(), parts.read_buf),
             Err(other) => Upgraded::Other(hyper_util::rt::TokioIo::new(other)),
         },
     )
@@ -969,6 +993,7 @@ pub(crate) async fn finish_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) -> Opt
 /// The socket after the upgrade: the raw TCP stream when possible (no hyper wrapper kept).
 pub(crate) enum Upgraded {
     Tcp(tokio::net::TcpStream, Bytes),
+    Unix(tokio::net::UnixStream, Bytes),
     Other(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
     Duplex(tokio::io::DuplexStream),
 }

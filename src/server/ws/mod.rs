@@ -12,6 +12,7 @@ use self::conn::{Conn, Decision, OpenTask, Upgraded, decide, finish_upgrade, fmt
 use super::{ConnGuard, Shared};
 use crate::consumer::{Context, WebsocketEndpoint};
 use crate::scope::Scope;
+use crate::server::stats::HandshakeFailure;
 
 /// Where the socket comes from once the handshake is accepted.
 pub(crate) enum UpgradeSource {
@@ -40,6 +41,7 @@ pub(crate) async fn websocket_task(
     // The open connection continues as a task of its own, sized to what it holds.
     match upgraded {
         Upgraded::Tcp(stream, _) => tracker.spawn(OpenTask::new(conn, stream, joined, guard)),
+        Upgraded::Unix(stream, _) => tracker.spawn(OpenTask::new(conn, stream, joined, guard)),
         Upgraded::Other(io) => tracker.spawn(OpenTask::new(conn, io, joined, guard)),
         Upgraded::Duplex(io) => tracker.spawn(OpenTask::new(conn, io, joined, guard)),
     };
@@ -63,14 +65,15 @@ async fn open(
         tasks: Vec::new(),
     };
     let consumer = endpoint.factory.make(cx);
+    let metered = endpoint.metered;
     drop(endpoint);
-    let mut conn = Conn::new(shared.clone(), scope.clone(), inbox, consumer);
+    let mut conn = Conn::new(shared.clone(), scope.clone(), inbox, consumer, metered);
     let joined = conn.declared_groups();
     let channel = conn.channel_name();
     for group in &joined {
         if let Err(e) = shared.layer.group_add(group, &channel).await {
             tracing::error!(group, error = %e, "could not join a declared group");
-            decide(tx, Decision::Reject(500));
+            decide(tx, Decision::Reject(500, HandshakeFailure::Error));
             conn.finish(joined).await;
             return None;
         }
@@ -104,7 +107,7 @@ async fn open(
         // Shutdown raced the handshake: the loop sends 1001 and ends.
         conn.shutdown_now();
     }
-    if let Upgraded::Tcp(_, early) = &mut upgraded {
+    if let Upgraded::Tcp(_, early) | Upgraded::Unix(_, early) = &mut upgraded {
         // Bytes hyper read past the handshake; fed now, and their buffer released.
         conn.feed_early(early);
         *early = bytes::Bytes::new();
