@@ -8,7 +8,7 @@
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
@@ -61,12 +61,12 @@ class Canal {
     this.log = "";
   }
 
-  async start() {
+  async start(extra = []) {
     const child = spawn(
       CANAL,
       [
         "serve", "--bind", `127.0.0.1:${this.port}`, "--publish-token", TOKEN,
-        "--admin", "--admin-token", ADMIN_TOKEN, "--no-access-log",
+        "--admin", "--admin-token", ADMIN_TOKEN, "--no-access-log", ...extra,
       ],
       { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } },
     );
@@ -329,5 +329,69 @@ describe("the chat page in headless Chromium", () => {
     assert.ok(drawn, "the connections chart is drawn");
     await shot(page, "10-dashboard");
     await context.close();
+  });
+});
+
+describe("pushing into the pages from a shell with `canal send` (Redis layer)", () => {
+  let redis;
+  let shared;
+  let page;
+  let ctx;
+  let ownBrowser;
+  const haveRedis = (() => {
+    try {
+      return spawnSync("redis-server", ["--version"]).status === 0;
+    } catch {
+      return false;
+    }
+  })();
+
+  before(async () => {
+    if (!haveRedis) return;
+    const port = await freePort();
+    redis = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+      { stdio: "ignore" });
+    const deadline = Date.now() + WAIT;
+    for (;;) {
+      const up = await new Promise((resolve) => {
+        const s = net.connect(port, "127.0.0.1", () => { s.destroy(); resolve(true); });
+        s.on("error", () => resolve(false));
+      });
+      if (up) break;
+      if (Date.now() > deadline) throw new Error("redis-server did not start");
+      await sleep(50);
+    }
+    shared = new Canal(await freePort());
+    shared.layer = `redis://127.0.0.1:${port}`;
+    await shared.start(["--layer", shared.layer]);
+    ownBrowser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  });
+
+  after(async () => {
+    if (ctx) await ctx.close();
+    if (ownBrowser) await ownBrowser.close();
+    if (shared) await shared.stop();
+    if (redis) redis.kill("SIGKILL");
+  });
+
+  test("a message sent with `canal send --group` appears in the room's page", async (t) => {
+    if (!haveRedis) {
+      assert.ok(process.env.CI !== "true", "redis-server is required under CI=true");
+      t.skip("redis-server is missing");
+      return;
+    }
+    ctx = await ownBrowser.newContext({ viewport: { width: 820, height: 700 } });
+    await ctx.addInitScript(() => localStorage.setItem("canal.name", "erin"));
+    page = await ctx.newPage();
+    await page.goto(`${shared.base}/chat/shell-room/`);
+    await connected(page);
+    const result = spawnSync(CANAL, [
+      "send", "--layer", shared.layer, "--group", "shell-room",
+      JSON.stringify({ type: "chat.message", text: "sent from bash" }),
+    ], { encoding: "utf8" });
+    assert.equal(result.status, 0, result.stderr);
+    const list = await waitForKind(page, "plain", 1);
+    assert.deepEqual(list.filter((e) => e.kind === "plain").map((e) => e.text), ["sent from bash"]);
+    await shot(page, "11-canal-send");
   });
 });
