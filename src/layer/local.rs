@@ -351,6 +351,24 @@ impl LocalChannels {
         }
     }
 
+    /// Waits for the next message on local channel `name` (one reader at a time). Cancel-safe.
+    pub(crate) async fn receive(&self, name: &str) -> Result<Message, super::LayerError> {
+        let mailbox = self
+            .lookup(name)
+            .ok_or_else(|| super::LayerError::NotLocal(name.to_owned()))?;
+        let message = std::future::poll_fn(|cx| {
+            let now = self.now_ms();
+            mailbox
+                .activity
+                .store((now / 1000) as u32, Ordering::Relaxed);
+            let (poll, expired) = mailbox.poll_pop(cx, now);
+            self.counters().drop(DropReason::Expired, expired, name);
+            poll
+        })
+        .await;
+        Ok(message)
+    }
+
     /// Calls `f` with the name of every open local channel.
     pub fn for_each_name(&self, mut f: impl FnMut(String)) {
         self.for_each(|id, _| f(self.name_of(id)));

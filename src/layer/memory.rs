@@ -340,21 +340,7 @@ impl ChannelLayer for MemoryLayer {
         validate_channel(channel)?;
         let inner = &self.inner;
         if inner.local.is_local(channel) {
-            let mailbox = inner
-                .local
-                .lookup(channel)
-                .ok_or_else(|| LayerError::NotLocal(channel.to_owned()))?;
-            let message = std::future::poll_fn(|cx| {
-                let now = inner.local.now_ms();
-                mailbox
-                    .activity
-                    .store((now / 1000) as u32, std::sync::atomic::Ordering::Relaxed);
-                let (poll, expired) = mailbox.poll_pop(cx, now);
-                inner.counters().drop(DropReason::Expired, expired, channel);
-                poll
-            })
-            .await;
-            return Ok(message);
+            return inner.local.receive(channel).await;
         }
         loop {
             let notify = {

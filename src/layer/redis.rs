@@ -394,6 +394,11 @@ impl Inner {
         self.local.counters()
     }
 
+    /// Capacity of this process's local channels (overrides match the process prefix).
+    fn local_capacity(&self) -> usize {
+        self.config.layer.capacity_for(self.local.prefix())
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.config.prefix)
     }
@@ -748,21 +753,7 @@ impl ChannelLayer for RedisLayer {
         let inner = &self.inner;
         if inner.local.is_local(channel) {
             self.ensure_loops();
-            let mailbox = inner
-                .local
-                .lookup(channel)
-                .ok_or_else(|| LayerError::NotLocal(channel.to_owned()))?;
-            let message = std::future::poll_fn(|cx| {
-                let now = inner.local.now_ms();
-                mailbox
-                    .activity
-                    .store((now / 1000) as u32, Ordering::Relaxed);
-                let (poll, expired) = mailbox.poll_pop(cx, now);
-                inner.counters().drop(DropReason::Expired, expired, channel);
-                poll
-            })
-            .await;
-            return Ok(message);
+            return inner.local.receive(channel).await;
         }
         if channel.contains('!') {
             return Err(LayerError::NotLocal(channel.to_owned()));
@@ -797,12 +788,7 @@ impl ChannelLayer for RedisLayer {
 
     async fn new_channel(&self) -> Result<String, LayerError> {
         self.ensure_loops();
-        let capacity = self
-            .inner
-            .config
-            .layer
-            .capacity_for(self.inner.local.prefix());
-        Ok(self.inner.local.open_detached(capacity))
+        Ok(self.inner.local.open_detached(self.inner.local_capacity()))
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
@@ -1004,12 +990,7 @@ impl ChannelLayer for RedisLayer {
 
     fn new_inbox(&self) -> Inbox {
         self.ensure_loops();
-        let capacity = self
-            .inner
-            .config
-            .layer
-            .capacity_for(self.inner.local.prefix());
-        self.inner.local.open(capacity)
+        self.inner.local.open(self.inner.local_capacity())
     }
 
     fn stats(&self) -> LayerStats {

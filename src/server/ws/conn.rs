@@ -812,42 +812,17 @@ impl Conn {
     /// `disconnect`, leave the groups, abort the consumer's tasks.
     pub(crate) async fn finish(mut self, joined: Vec<String>) {
         self.inbox.mailbox().close_early();
-        let grace = self.shared.config.app_close_timeout;
-        if matches!(self.slot, Slot::Busy(_)) {
-            let done = tokio::time::timeout(
-                grace,
-                std::future::poll_fn(|cx| match self.poll_handler(cx) {
-                    Some(outcome) => Poll::Ready(outcome),
-                    None => Poll::Pending,
-                }),
-            )
-            .await;
-            match done {
-                Ok(outcome) => self.report(&outcome),
-                Err(_) => {
-                    tracing::warn!(
-                        path = self.scope.path(),
-                        "handler still running after the connection closed; cancelled"
-                    );
-                    self.slot = Slot::Gone;
-                }
-            }
+        if matches!(self.slot, Slot::Busy(_)) && !self.await_handler().await {
+            tracing::warn!(
+                path = self.scope.path(),
+                "handler still running after the connection closed; cancelled"
+            );
+            self.slot = Slot::Gone;
         }
         if (self.accepted || !joined.is_empty()) && matches!(self.slot, Slot::Idle(_)) {
             self.start_handler(Event::Disconnect(self.close_code));
-            let done = tokio::time::timeout(
-                grace,
-                std::future::poll_fn(|cx| match self.poll_handler(cx) {
-                    Some(outcome) => Poll::Ready(outcome),
-                    None => Poll::Pending,
-                }),
-            )
-            .await;
-            match done {
-                Ok(outcome) => self.report(&outcome),
-                Err(_) => {
-                    tracing::warn!(path = self.scope.path(), "disconnect handler timed out")
-                }
+            if !self.await_handler().await {
+                tracing::warn!(path = self.scope.path(), "disconnect handler timed out");
             }
         }
         let channel = self.inbox.name();
@@ -867,6 +842,27 @@ impl Conn {
                 self.scope.path(),
                 self.close_code
             );
+        }
+    }
+
+    /// Lets the running handler finish within the app close timeout, reporting its outcome.
+    /// False when it did not finish in time.
+    async fn await_handler(&mut self) -> bool {
+        let grace = self.shared.config.app_close_timeout;
+        let done = tokio::time::timeout(
+            grace,
+            std::future::poll_fn(|cx| match self.poll_handler(cx) {
+                Some(outcome) => Poll::Ready(outcome),
+                None => Poll::Pending,
+            }),
+        )
+        .await;
+        match done {
+            Ok(outcome) => {
+                self.report(&outcome);
+                true
+            }
+            Err(_) => false,
         }
     }
 
