@@ -17,30 +17,19 @@ pub enum ScopeKind {
     WebSocket,
 }
 
-/// Name/value pairs packed in one buffer: `u16 len | bytes` for each name then value.
-#[derive(Clone, Default, PartialEq, Eq)]
-struct Pairs {
-    buf: Box<[u8]>,
+/// Appends `len | bytes` records for each name and value.
+fn encode_pairs<'a>(buf: &mut Vec<u8>, pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
+    for (name, value) in pairs {
+        for part in [name, value] {
+            let len = part.len().min(u16::MAX as usize);
+            buf.extend_from_slice(&(len as u16).to_le_bytes());
+            buf.extend_from_slice(&part[..len]);
+        }
+    }
 }
 
-impl Pairs {
-    fn from_iter<'a>(pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Pairs {
-        let mut buf = Vec::new();
-        for (name, value) in pairs {
-            for part in [name, value] {
-                let len = part.len().min(u16::MAX as usize);
-                buf.extend_from_slice(&(len as u16).to_le_bytes());
-                buf.extend_from_slice(&part[..len]);
-            }
-        }
-        Pairs {
-            buf: buf.into_boxed_slice(),
-        }
-    }
-
-    fn iter(&self) -> PairsIter<'_> {
-        PairsIter { rest: &self.buf }
-    }
+fn pairs_of(buf: &[u8]) -> PairsIter<'_> {
+    PairsIter { rest: buf }
 }
 
 struct PairsIter<'a> {
@@ -67,25 +56,42 @@ impl<'a> Iterator for PairsIter<'a> {
 }
 
 /// What is known about a connection: path, query, headers, peer, route params, user.
+///
+/// Stored compactly because one lives as long as each connection: the path and query share
+/// one buffer, the headers and params another (`u16 len | bytes` records), and what most
+/// connections lack (a method other than GET, a root path, a user) sits behind one pointer.
 #[derive(Clone)]
 pub struct Scope {
     kind: ScopeKind,
-    method: http::Method,
-    path: Box<str>,
-    query: Box<str>,
-    root_path: Box<str>,
-    headers: Pairs,
-    params: Pairs,
+    /// Where the query starts in `text`.
+    query_at: u32,
+    /// Where the params start in `pairs` (the headers come before).
+    params_at: u32,
+    /// The path, then the query.
+    text: Box<str>,
+    /// Header records, then param records.
+    pairs: Box<[u8]>,
     client: Option<SocketAddr>,
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a scope most connections do not have.
+#[derive(Clone, Default)]
+struct Rare {
+    method: Option<http::Method>,
+    root_path: Box<str>,
     user: Option<Box<str>>,
 }
+
+/// What `method()` answers when no other method was recorded.
+static GET: http::Method = http::Method::GET;
 
 impl std::fmt::Debug for Scope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scope")
             .field("kind", &self.kind)
-            .field("path", &self.path)
-            .field("query", &self.query)
+            .field("path", &self.path())
+            .field("query", &self.query_string())
             .field("params", &self.params().collect::<Vec<_>>())
             .field("client", &self.client)
             .finish_non_exhaustive()
@@ -112,21 +118,31 @@ impl Scope {
         client: Option<SocketAddr>,
     ) -> Scope {
         let keep = |name: &str| kind != ScopeKind::WebSocket || !HANDSHAKE_ONLY.contains(&name);
+        let mut pairs = Vec::new();
+        encode_pairs(
+            &mut pairs,
+            headers
+                .iter()
+                .filter(|(n, _)| keep(n.as_str()))
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        );
+        let mut text = String::with_capacity(path.len() + query.len());
+        text.push_str(path);
+        text.push_str(query);
+        let rare = (method != http::Method::GET).then(|| {
+            Box::new(Rare {
+                method: Some(method),
+                ..Rare::default()
+            })
+        });
         Scope {
             kind,
-            method,
-            path: path.into(),
-            query: query.into(),
-            root_path: "".into(),
-            headers: Pairs::from_iter(
-                headers
-                    .iter()
-                    .filter(|(n, _)| keep(n.as_str()))
-                    .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
-            ),
-            params: Pairs::default(),
+            query_at: path.len() as u32,
+            params_at: pairs.len() as u32,
+            text: text.into_boxed_str(),
+            pairs: pairs.into_boxed_slice(),
             client,
-            user: None,
+            rare,
         }
     }
 
@@ -148,27 +164,53 @@ impl Scope {
         mut self,
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Self {
-        self.headers = Pairs::from_iter(
+        let mut pairs = Vec::new();
+        encode_pairs(
+            &mut pairs,
             headers
                 .into_iter()
                 .map(|(n, v)| (n.as_bytes(), v.as_bytes())),
         );
+        let params_at = pairs.len() as u32;
+        pairs.extend_from_slice(self.param_bytes());
+        self.params_at = params_at;
+        self.pairs = pairs.into_boxed_slice();
         self
+    }
+
+    fn header_bytes(&self) -> &[u8] {
+        self.pairs.get(..self.params_at as usize).unwrap_or(&[])
+    }
+
+    fn param_bytes(&self) -> &[u8] {
+        self.pairs.get(self.params_at as usize..).unwrap_or(&[])
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
     }
 
     pub(crate) fn set_root_path(&mut self, root: &str) {
         if !root.is_empty() {
-            self.root_path = root.into();
+            self.rare_mut().root_path = root.into();
         }
     }
 
     pub(crate) fn set_params(&mut self, params: &[(String, String)]) {
-        self.params = Pairs::from_iter(params.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        let mut pairs = self.header_bytes().to_vec();
+        encode_pairs(
+            &mut pairs,
+            params.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+        );
+        self.pairs = pairs.into_boxed_slice();
     }
 
     /// Sets the authenticated user (what auth middleware found).
     pub fn set_user(&mut self, user: Option<String>) {
-        self.user = user.map(String::into_boxed_str);
+        if user.is_none() && self.rare.is_none() {
+            return;
+        }
+        self.rare_mut().user = user.map(String::into_boxed_str);
     }
 
     /// HTTP or WebSocket.
@@ -178,22 +220,25 @@ impl Scope {
 
     /// The request method (`GET` for WebSockets).
     pub fn method(&self) -> &http::Method {
-        &self.method
+        self.rare
+            .as_ref()
+            .and_then(|r| r.method.as_ref())
+            .unwrap_or(&GET)
     }
 
     /// The percent-decoded path, without the root path.
     pub fn path(&self) -> &str {
-        &self.path
+        self.text.get(..self.query_at as usize).unwrap_or("")
     }
 
     /// The raw query string (without `?`).
     pub fn query_string(&self) -> &str {
-        &self.query
+        self.text.get(self.query_at as usize..).unwrap_or("")
     }
 
     /// The first value of query parameter `name`, percent-decoded.
     pub fn query(&self, name: &str) -> Option<String> {
-        self.query.split('&').find_map(|pair| {
+        self.query_string().split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
             (k == name).then(|| {
@@ -206,14 +251,12 @@ impl Scope {
 
     /// The root path the application is mounted under (`--root-path`).
     pub fn root_path(&self) -> &str {
-        &self.root_path
+        self.rare.as_ref().map_or("", |r| &r.root_path)
     }
 
     /// The headers as (lowercase name, value) pairs, in the order received.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.headers
-            .iter()
-            .map(|(n, v)| (std::str::from_utf8(n).unwrap_or(""), v))
+        pairs_of(self.header_bytes()).map(|(n, v)| (std::str::from_utf8(n).unwrap_or(""), v))
     }
 
     /// The first value of header `name` (case-insensitive), if it is valid UTF-8.
@@ -235,7 +278,7 @@ impl Scope {
 
     /// The route params, in order.
     pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.params.iter().map(|(n, v)| {
+        pairs_of(self.param_bytes()).map(|(n, v)| {
             (
                 std::str::from_utf8(n).unwrap_or(""),
                 std::str::from_utf8(v).unwrap_or(""),
@@ -258,7 +301,7 @@ impl Scope {
 
     /// The authenticated user, if any.
     pub fn user(&self) -> Option<&str> {
-        self.user.as_deref()
+        self.rare.as_ref().and_then(|r| r.user.as_deref())
     }
 }
 
@@ -290,6 +333,36 @@ mod tests {
         assert_eq!(s.query("token").as_deref(), Some("a b"));
         assert_eq!(s.query("x").as_deref(), Some(""));
         assert_eq!(s.query("nope"), None);
+    }
+
+    #[test]
+    fn compact_layout_keeps_every_part_apart() {
+        let mut h = http::HeaderMap::new();
+        h.insert("origin", "http://x".parse().unwrap());
+        let mut s = Scope::new(ScopeKind::Http, http::Method::POST, "/a/b", "q=1", &h, None);
+        s.set_params(&[("room".into(), "lobby".into())]);
+        s.set_root_path("/canal");
+        s.set_user(Some("ann".into()));
+        assert_eq!(s.path(), "/a/b");
+        assert_eq!(s.query_string(), "q=1");
+        assert_eq!(s.method(), http::Method::POST);
+        assert_eq!(s.header("origin"), Some("http://x"));
+        assert_eq!(s.param("room").unwrap(), "lobby");
+        assert_eq!(s.root_path(), "/canal");
+        assert_eq!(s.user(), Some("ann"));
+        let s = s.with_headers([("x-a", "1")]);
+        assert_eq!(s.header("origin"), None);
+        assert_eq!(s.header("x-a"), Some("1"));
+        assert_eq!(
+            s.param("room").unwrap(),
+            "lobby",
+            "params survive new headers"
+        );
+        let plain = Scope::websocket("/ws/?a=b");
+        assert_eq!(plain.method(), http::Method::GET);
+        assert_eq!((plain.path(), plain.query_string()), ("/ws/", "a=b"));
+        assert_eq!(plain.root_path(), "");
+        assert!(std::mem::size_of::<Scope>() <= 96);
     }
 
     #[test]
