@@ -3,7 +3,9 @@
 
 Throughput and CPU ratios are taken within a round (canal vs each peer in the same round), and
 the spread is the range over rounds. "gen-limited" marks a measurement where the load
-generator's own CPU was at or above 90 % of its core.
+generator's own CPU was at or above 90 % of its core. "machine busy" is the whole box's busy CPU
+(every process, 200 % = both cores) over the run: far above server + generator means other work
+on the machine disturbed that measurement.
 """
 
 import glob
@@ -64,15 +66,18 @@ def ratio_cell(rounds_a, rounds_b, key):
             rs.append(a / b)
     if not rs:
         return "-"
+    def f(x):
+        return f"{x:.2f}" if x >= 0.1 else f"{x:.4f}"
+
     if len(rs) == 1:
-        return f"{rs[0]:.2f}"
-    return f"{statistics.median(rs):.2f} ({min(rs):.2f}–{max(rs):.2f})"
+        return f(rs[0])
+    return f"{f(statistics.median(rs))} ({f(min(rs))}–{f(max(rs))})"
 
 
 def echo(d):
     out = ["### echo: 100 connections, closed loop, 32-byte text", ""]
-    out.append("| server | round trips/s (per round) | p50 ms | p99 ms | server CPU µs/rt | server CPU % | generator CPU % | note |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---|")
+    out.append("| server | round trips/s (per round) | p50 ms | p99 ms | server CPU µs/rt | server CPU % | generator CPU % | machine busy % (per round) | note |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---|---|")
     for s in servers(d):
         rs = d[s]
         vals = [rs[r] for r in sorted(rs)]
@@ -90,7 +95,8 @@ def echo(d):
             f"| {NAMES.get(s, s)} | {tp} | {ms(med([v.get('latency', {}).get('p50_us') for v in vals]))} "
             f"| {ms(med([v.get('latency', {}).get('p99_us') for v in vals]))} "
             f"| {num(med([v.get('server_cpu_us_per_round_trip') for v in vals]), 2)} "
-            f"| {num(med([v.get('server_cpu_pct') for v in vals]))} | {num(gen)} | {', '.join(note)} |"
+            f"| {num(med([v.get('server_cpu_pct') for v in vals]))} | {num(gen)} "
+            f"| {' / '.join(num(v.get('machine_busy_pct')) for v in vals)} | {', '.join(note)} |"
         )
     out += ["", "Medians over rounds except the round trips/s column. Ratios canal / peer within each round, median (range):", ""]
     out.append("| canal vs | round trips/s | server CPU per rt | p99 |")
@@ -133,10 +139,14 @@ def why(x):
     return "; ".join(r)
 
 
-def fanout(d):
+def fanout(d, redis=False):
     any_v = next(iter(next(iter(d.values())).values()))
     n = any_v.get("receivers", "?")
-    out = [f"### fan-out: {num(n) if isinstance(n, int) else n} receivers in one room, 32 B, rate doubling per step until loss or p99 > 1 s", ""]
+    n = num(n) if isinstance(n, int) else n
+    if redis:
+        out = [f"### Redis fan-out: {n} receivers split over server processes A and B, sender on C, all sharing one redis-server; rate doubling per step", ""]
+    else:
+        out = [f"### fan-out: {n} receivers in one room, 32 B, rate doubling per step until loss or p99 > 1 s", ""]
     out.append("| server | zero-loss rate msg/s (per round) | deliveries/s | p50 ms | p99 ms | all reached p99 ms | server CPU µs/delivery | server CPU % | gen CPU % | what ended the ramp (round 1) |")
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for s in servers(d):
@@ -152,10 +162,14 @@ def fanout(d):
         end = f"error: {e0}" if e0 and not f0 else why(f0)
         gen = g("client_cpu_pct")
         flag = " (gen-limited)" if gen is not None and gen >= GEN_LIMIT_PCT else ""
+        if redis:
+            cpu = num(med([rs[r].get("all_servers_cpu_us_per_delivery") for r in rs]), 2) + " (3 servers + redis, whole ramp)"
+        else:
+            cpu = num(g("server_cpu_us_per_delivery"), 2)
         out.append(
             f"| {NAMES.get(s, s)} | {rates} | {num(g('deliveries_per_s'))} | {ms(g('latency', 'p50_us'))} "
-            f"| {ms(g('latency', 'p99_us'))} | {ms(g('time_to_all', 'p99_us'))} | {num(g('server_cpu_us_per_delivery'), 2)} "
-            f"| {num(g('server_cpu_pct'))} | {num(gen)}{flag} | {end} |"
+            f"| {ms(g('latency', 'p99_us'))} | {ms(g('time_to_all', 'p99_us'))} | {cpu} "
+            f"| {num(g('server_cpu_pct'))}{' (A only)' if redis else ''} | {num(gen)}{flag} | {end} |"
         )
     out += ["", "Columns after the rate are medians over rounds at each round's last clean step. Ratios canal / peer within each round at the last clean step:", ""]
     out.append("| canal vs | zero-loss deliveries/s | server CPU per delivery | p99 |")
@@ -216,7 +230,9 @@ def crosscheck(d):
 def main():
     d = load(sys.argv[1])
     lines = []
-    for name, f in [("echo", echo), ("fanout", fanout), ("idle", idle), ("crosscheck", crosscheck)]:
+    scenarios = [("echo", echo), ("fanout", fanout), ("idle", idle), ("crosscheck", crosscheck),
+                 ("redis", lambda x: fanout(x, redis=True))]
+    for name, f in scenarios:
         if name in d:
             lines += f(d[name]) + [""]
     print("\n".join(lines))
