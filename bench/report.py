@@ -178,12 +178,16 @@ def fanout(d, redis=False):
     def at_best(f):
         return lambda v: (lambda b: f(b) if b else None)(fan_best(v)[0])
 
+    if redis:
+        cpu_key = lambda v: v.get("all_servers_cpu_us_per_delivery")  # noqa: E731
+    else:
+        cpu_key = at_best(lambda b: b.get("server_cpu_us_per_delivery"))
     for s in servers(d):
         if s == "canal" or "canal" not in d:
             continue
         out.append(
             f"| {NAMES.get(s, s)} | {ratio_cell(d['canal'], d[s], at_best(lambda b: b.get('deliveries_per_s')))} "
-            f"| {ratio_cell(d['canal'], d[s], at_best(lambda b: b.get('server_cpu_us_per_delivery')))} "
+            f"| {ratio_cell(d['canal'], d[s], cpu_key)} "
             f"| {ratio_cell(d['canal'], d[s], at_best(lambda b: (b.get('latency') or {}).get('p99_us')))} |"
         )
     return out
