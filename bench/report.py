@@ -74,6 +74,19 @@ def ratio_cell(rounds_a, rounds_b, key):
     return f"{f(statistics.median(rs))} ({f(min(rs))}–{f(max(rs))})"
 
 
+def others_pct(v):
+    """CPU used by other processes during an echo run (machine busy minus server and generator)."""
+    b, sv, cl = v.get("machine_busy_pct"), v.get("server_cpu_pct"), v.get("client_cpu_pct")
+    if b is None or sv is None or cl is None:
+        return None
+    return b - sv - cl
+
+
+def quiet(v, limit=20.0):
+    o = others_pct(v)
+    return o is not None and o <= limit
+
+
 def echo(d):
     out = ["### echo: 100 connections, closed loop, 32-byte text", ""]
     out.append("| server | round trips/s (per round) | p50 ms | p99 ms | server CPU µs/rt | server CPU % | generator CPU % | machine busy % (per round) | note |")
@@ -98,16 +111,23 @@ def echo(d):
             f"| {num(med([v.get('server_cpu_pct') for v in vals]))} | {num(gen)} "
             f"| {' / '.join(num(v.get('machine_busy_pct')) for v in vals)} | {', '.join(note)} |"
         )
-    out += ["", "Medians over rounds except the round trips/s column. Ratios canal / peer within each round, median (range):", ""]
-    out.append("| canal vs | round trips/s | server CPU per rt | p99 |")
-    out.append("|---|---|---|---|")
+    out += ["", "Medians over rounds except the round trips/s column. Ratios canal / peer within each round, median (range);"
+            " the last column keeps only the rounds where neither run was disturbed (other processes took at most 20 % of a core):", ""]
+    out.append("| canal vs | round trips/s | server CPU per rt | p99 | quiet rounds: round trips/s, CPU per rt |")
+    out.append("|---|---|---|---|---|")
     for s in servers(d):
         if s == "canal" or "canal" not in d:
             continue
+        qa = {r: v for r, v in d["canal"].items() if quiet(v) and r in d[s] and quiet(d[s][r])}
+        qb = {r: d[s][r] for r in qa}
+        qcell = (f"{len(qa)} of {len(d['canal'])}: {ratio_cell(qa, qb, lambda v: v.get('round_trips_per_s'))}, "
+                 f"{ratio_cell(qa, qb, lambda v: v.get('server_cpu_us_per_round_trip'))}") if qa else "none"
+        if all(others_pct(v) is None for v in d["canal"].values()):
+            qcell = "not recorded"
         out.append(
             f"| {NAMES.get(s, s)} | {ratio_cell(d['canal'], d[s], lambda v: v.get('round_trips_per_s'))} "
             f"| {ratio_cell(d['canal'], d[s], lambda v: v.get('server_cpu_us_per_round_trip'))} "
-            f"| {ratio_cell(d['canal'], d[s], lambda v: (v.get('latency') or {}).get('p99_us'))} |"
+            f"| {ratio_cell(d['canal'], d[s], lambda v: (v.get('latency') or {}).get('p99_us'))} | {qcell} |"
         )
     return out
 
@@ -136,7 +156,21 @@ def why(x):
         r.append(f"p99 {p99 / 1000:.0f} ms")
     gen = x.get("client_cpu_pct")
     r.append(f"at {num(x.get('rate'))} msg/s, gen CPU {num(gen)} %")
+    if gen is not None and gen >= GEN_LIMIT_PCT:
+        r.append("**the generator was the limit**")
     return "; ".join(r)
+
+
+def same_rate(va, vb):
+    """(rate, canal/peer server CPU per delivery) at the highest rate both ran clean."""
+    ca = {x.get("rate"): x for x in va.get("steps") or [] if x.get("clean")}
+    cb = {x.get("rate"): x for x in vb.get("steps") or [] if x.get("clean")}
+    common = sorted(set(ca) & set(cb))
+    if not common:
+        return None
+    r = common[-1]
+    a, b = ca[r].get("server_cpu_us_per_delivery"), cb[r].get("server_cpu_us_per_delivery")
+    return (r, a / b) if a is not None and b else None
 
 
 def fanout(d, redis=False):
@@ -147,7 +181,7 @@ def fanout(d, redis=False):
         out = [f"### Redis fan-out: {n} receivers split over server processes A and B, sender on C, all sharing one redis-server; rate doubling per step", ""]
     else:
         out = [f"### fan-out: {n} receivers in one room, 32 B, rate doubling per step until loss or p99 > 1 s", ""]
-    out.append("| server | zero-loss rate msg/s (per round) | deliveries/s | p50 ms | p99 ms | all reached p99 ms | server CPU µs/delivery | server CPU % | gen CPU % | what ended the ramp (round 1) |")
+    out.append("| server | zero-loss rate msg/s (per round) | deliveries/s | p50 ms | p99 ms | all reached p99 ms | server CPU µs/delivery | server CPU % | gen CPU % | what ended the ramp, per round |")
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for s in servers(d):
         rs = d[s]
@@ -158,8 +192,7 @@ def fanout(d, redis=False):
             fails.append((f, rs[r].get("error")))
         rates = " / ".join(num(b.get("rate")) if b else "none" for b in bests)
         g = lambda k, sub=None: med([((b.get(k) or {}).get(sub) if sub else b.get(k)) if b else None for b in bests])
-        f0, e0 = fails[0]
-        end = f"error: {e0}" if e0 and not f0 else why(f0)
+        end = " ‖ ".join(f"r{i + 1}: " + (f"error: {e}" if e and not f else why(f)) for i, (f, e) in enumerate(fails))
         gen = g("client_cpu_pct")
         flag = " (gen-limited)" if gen is not None and gen >= GEN_LIMIT_PCT else ""
         if redis:
@@ -172,8 +205,8 @@ def fanout(d, redis=False):
             f"| {num(g('server_cpu_pct'))}{' (A only)' if redis else ''} | {num(gen)}{flag} | {end} |"
         )
     out += ["", "Columns after the rate are medians over rounds at each round's last clean step. Ratios canal / peer within each round at the last clean step:", ""]
-    out.append("| canal vs | zero-loss deliveries/s | server CPU per delivery | p99 |")
-    out.append("|---|---|---|---|")
+    out.append("| canal vs | zero-loss deliveries/s | server CPU per delivery | p99 | server CPU per delivery at the same rate (rate per round) |")
+    out.append("|---|---|---|---|---|")
 
     def at_best(f):
         return lambda v: (lambda b: f(b) if b else None)(fan_best(v)[0])
@@ -188,9 +221,21 @@ def fanout(d, redis=False):
         out.append(
             f"| {NAMES.get(s, s)} | {ratio_cell(d['canal'], d[s], at_best(lambda b: b.get('deliveries_per_s')))} "
             f"| {ratio_cell(d['canal'], d[s], cpu_key)} "
-            f"| {ratio_cell(d['canal'], d[s], at_best(lambda b: (b.get('latency') or {}).get('p99_us')))} |"
+            f"| {ratio_cell(d['canal'], d[s], at_best(lambda b: (b.get('latency') or {}).get('p99_us')))} "
+            f"| {same_rate_cell(d['canal'], d[s]) if not redis else '-'} |"
         )
+    out += ["", "CPU per delivery falls as the rate rises (more messages per wake and per write), so the last"
+            " column compares both servers at the highest rate both ran clean in that round."]
     return out
+
+
+def same_rate_cell(ra, rb):
+    rs = [same_rate(ra[r], rb[r]) for r in sorted(set(ra) & set(rb))]
+    rs = [x for x in rs if x]
+    if not rs:
+        return "-"
+    vals = [x[1] for x in rs]
+    return f"{statistics.median(vals):.2f} ({min(vals):.2f}–{max(vals):.2f}); at " + " / ".join(num(x[0]) for x in rs) + " msg/s"
 
 
 def idle(d):
