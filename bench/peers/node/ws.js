@@ -2,8 +2,8 @@
 //   /ws/echo/          echo every message verbatim
 //   /ws/chat/{room}/   broadcast every message verbatim to all members, sender included
 //   GET /health        200 "ok" (the http server on the same port)
-// Shipped defaults of ws (no permessage-deflate unless asked: ws 8 enables it by default on the
-// server side, so it is left as shipped; canal-bench never offers the extension, so it is unused).
+// Shipped defaults of ws (its server leaves permessage-deflate off unless asked, and canal-bench
+// never offers the extension anyway).
 'use strict';
 const http = require('http');
 const { WebSocketServer } = require('ws');
