@@ -11,7 +11,7 @@
 # --access-log (canal logs connects and disconnects by default; daphne only with that flag).
 # Results: one JSON file per run in $RUN_DIR and a markdown report ($RUN_DIR/report.md), printed
 # at the end; --append-docs appends it to docs/BENCHMARKS.md.
-# --quick: tiny counts and seconds (a smoke run, about a minute or two).
+# --quick: tiny counts and seconds (a smoke run, about 3 minutes with every scenario).
 # redis (not in the default set): canal vs Django Channels + channels_redis. A private
 # redis-server on a free loopback port and three server processes sharing it, all on CPU 0;
 # receivers are split between processes A and B, the sender talks to process C, so every
