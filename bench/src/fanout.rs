@@ -27,9 +27,14 @@ const MESSAGES_CAP: usize = 5_000_000;
 
 #[derive(Args, Debug)]
 pub struct FanoutArgs {
-    /// Chat room endpoint all clients join.
+    /// Chat room endpoint all clients join (the sender's, and the receivers' unless
+    /// --receiver-urls is given).
     #[arg(long, default_value = "ws://127.0.0.1:8000/ws/chat/bench/")]
     url: String,
+    /// Receivers' endpoints, split evenly across them (e.g. one per server process sharing a
+    /// Redis layer, the sender on a third process given by --url). Default: --url.
+    #[arg(long, value_delimiter = ',')]
+    receiver_urls: Vec<String>,
     /// Receiving connections.
     #[arg(long, default_value_t = 1000)]
     receivers: usize,
@@ -391,14 +396,24 @@ pub async fn run(a: FanoutArgs) -> Result<Value, String> {
         1
     };
 
-    let (conns, connect_time) = util::connect_many(
-        &target,
-        |_| target.path.clone(),
-        a.receivers,
-        a.concurrency,
-        &sources,
-    )
-    .await?;
+    let receiver_targets = if a.receiver_urls.is_empty() {
+        vec![target.clone()]
+    } else {
+        a.receiver_urls
+            .iter()
+            .map(|u| util::parse_ws_url(u))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let mut conns = Vec::with_capacity(a.receivers);
+    let mut connect_time = Duration::ZERO;
+    let k = receiver_targets.len();
+    for (j, t) in receiver_targets.iter().enumerate() {
+        let n = a.receivers / k + usize::from(j < a.receivers % k);
+        let (mut part, took) =
+            util::connect_many(t, |_| t.path.clone(), n, a.concurrency, &sources).await?;
+        conns.append(&mut part);
+        connect_time += took;
+    }
     let (mut senders, _) =
         util::connect_many(&target, |_| target.path.clone(), 1, 1, &sources).await?;
     let mut sender = senders.pop().ok_or("no sender connection")?;
@@ -482,6 +497,7 @@ pub async fn run(a: FanoutArgs) -> Result<Value, String> {
     Ok(json!({
         "scenario": "fanout",
         "url": a.url,
+        "receiver_urls": a.receiver_urls,
         "receivers": a.receivers,
         "size": a.size,
         "duration_s": a.duration,
