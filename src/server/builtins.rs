@@ -737,6 +737,18 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         s.protocol_errors,
     );
     out.single(
+        "canal_bad_headers_total",
+        "counter",
+        "Requests refused with 400 or 431 for a bad or oversized header.",
+        s.bad_headers,
+    );
+    out.single(
+        "canal_pongs_coalesced_total",
+        "counter",
+        "Pongs replaced by a newer one for a client that floods pings without reading.",
+        s.pongs_coalesced,
+    );
+    out.single(
         "canal_handler_errors_total",
         "counter",
         "Consumer handlers that failed or panicked.",

@@ -28,7 +28,8 @@ use crate::scope::{Scope, ScopeKind};
 
 type Body = Full<Bytes>;
 
-/// Largest request head hyper buffers (request line + headers).
+/// Largest request head (request line + headers): hyper's read buffer, and the limit past
+/// which a request gets 431.
 const MAX_HEAD: usize = 64 * 1024;
 
 /// GUID from RFC 6455 §1.3 for the `Sec-WebSocket-Accept` digest.
@@ -161,12 +162,75 @@ fn redirect_to_root(root: &str, query: Option<&str>) -> hyper::Response<Body> {
     resp
 }
 
+/// Why a request's headers are refused before routing (400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum BadHeader {
+    /// A header name holds `_`. Behind a proxy or framework that maps `-` and `_` to the same
+    /// key (CGI/WSGI-style environments), it could spoof a trusted header (daphne's fix for
+    /// header smuggling).
+    #[error("header name {0:?} holds an underscore")]
+    Underscore(String),
+    /// A header name holds a byte outside the RFC 9110 token set.
+    #[error("header name holds a control or separator character")]
+    NameCharacter,
+    /// A header value holds a control character, or a byte that Python's `str.splitlines`
+    /// treats as a line break (`\x0b \x0c \x1c \x1d \x1e \x85`): a downstream consumer
+    /// that splits on them would see an injected header.
+    #[error("header {0:?} has a value with a control or line-break character")]
+    ValueCharacter(String),
+}
+
+/// Checks every header of a request (daphne's CVE fixes): names are RFC 9110 tokens without
+/// `_`, values hold no control characters and none of the bytes Python treats as line breaks.
+pub(crate) fn check_headers(headers: &hyper::HeaderMap) -> Result<(), BadHeader> {
+    for (name, value) in headers {
+        let n = name.as_str();
+        if n.contains('_') {
+            return Err(BadHeader::Underscore(n.to_owned()));
+        }
+        if !n.bytes().all(is_tchar) {
+            return Err(BadHeader::NameCharacter);
+        }
+        let bad = |b: u8| (b < 0x20 && b != b'\t') || b == 0x7f || b == 0x85;
+        if value.as_bytes().iter().any(|&b| bad(b)) {
+            return Err(BadHeader::ValueCharacter(n.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Routes one request: WebSocket upgrade or plain HTTP.
 async fn handle(
     shared: &Arc<Shared>,
     peer: Option<SocketAddr>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Body> {
+    let head_size = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head_size > MAX_HEAD {
+        shared.stats.bad_headers.fetch_add(1, Ordering::Relaxed);
+        let mut resp = plain(431, "request headers too large");
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    if let Err(e) = check_headers(req.headers()) {
+        tracing::debug!(peer = fmt_peer(peer), error = %e, "bad request headers");
+        shared.stats.bad_headers.fetch_add(1, Ordering::Relaxed);
+        let mut resp = plain(400, &e.to_string());
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let raw_path = req.uri().path().to_owned();
     let Ok(decoded) = percent_encoding::percent_decode_str(&raw_path).decode_utf8() else {
         return plain(400, "path is not valid UTF-8");

@@ -146,6 +146,10 @@ pub struct ServerStats {
     pub handler_errors: u64,
     /// Clients dropped for not answering pings.
     pub ping_timeouts: u64,
+    /// Pongs not sent because a newer ping from a client that does not read replaced them.
+    pub pongs_coalesced: u64,
+    /// Requests refused with 400 for a bad header name or value.
+    pub bad_headers: u64,
     /// Messages this server put into the layer (`send` and `group_send`), by type label.
     pub layer_sent: Vec<(String, u64)>,
     /// Layer messages delivered to this server's connections, by type label.
@@ -304,6 +308,8 @@ pub(crate) struct Counters {
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
     pub(crate) ping_timeouts: AtomicU64,
+    pub(crate) pongs_coalesced: AtomicU64,
+    pub(crate) bad_headers: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) layer: std::sync::Arc<LayerMetrics>,
 }
@@ -326,6 +332,8 @@ impl Counters {
             protocol_errors: z(),
             handler_errors: z(),
             ping_timeouts: z(),
+            pongs_coalesced: z(),
+            bad_headers: z(),
             published: z(),
             layer: std::sync::Arc::new(LayerMetrics::new(declared_types)),
         }
@@ -358,6 +366,8 @@ impl Counters {
             protocol_errors: r(&self.protocol_errors),
             handler_errors: r(&self.handler_errors),
             ping_timeouts: r(&self.ping_timeouts),
+            pongs_coalesced: r(&self.pongs_coalesced),
+            bad_headers: r(&self.bad_headers),
             layer_sent: self.layer.sent.snapshot(),
             layer_received: self.layer.received.snapshot(),
             layer_errors: LayerOp::ALL

@@ -415,6 +415,31 @@ impl Conn {
         let cfg = &self.shared.config;
         let queue = self.out.get_or_insert_with(Box::default);
         let len = payload.len();
+        // A client that floods pings without reading would grow the queue without bound with
+        // pongs. Past the bounds, answer only the most recent ping (RFC 6455 §5.5.3 allows
+        // it): the newest unsent pong takes the new payload.
+        if opcode == OpCode::Pong
+            && (queue.bytes + len > cfg.max_outbound_bytes
+                || queue.frames.len() >= cfg.max_outbound_messages)
+        {
+            let start = usize::from(queue.written > 0);
+            if let Some(pong) = queue
+                .frames
+                .iter_mut()
+                .skip(start)
+                .rev()
+                .find(|f| f.head.as_slice().first() == Some(&(0x80 | OpCode::Pong.as_u8())))
+            {
+                queue.bytes = queue.bytes + len - pong.payload.len();
+                pong.head = FrameHead::new(OpCode::Pong, len);
+                pong.payload = payload;
+                self.shared
+                    .stats
+                    .pongs_coalesced
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         // One message always fits an empty queue, whatever its size (it is bounded by the
         // message size limit already); the bounds are about messages piling up.
         if !control
