@@ -129,6 +129,12 @@ struct ServeArgs {
     /// Turn off the access log (one line per request / WebSocket connect / disconnect).
     #[arg(long)]
     no_access_log: bool,
+    /// Origins allowed to open WebSockets besides this server's own host, comma-separated:
+    /// `https://app.example.com`, `localhost:3000`, `.example.com` (and subdomains), `null`,
+    /// or `*` for all (warned about at startup). A handshake without Origin is always allowed
+    /// [default: none, only the server's own host]
+    #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     #[command(flatten)]
     deploy: Box<DeployArgs>,
 }
@@ -530,6 +536,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
     config.access_log = !args.no_access_log;
     config.root_path = args.deploy.root_path.clone();
+    config.allowed_origins = args.allowed_origins.clone();
     let root = match config.normalized_root_path() {
         Ok(root) => root,
         Err(e) => {

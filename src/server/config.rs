@@ -71,6 +71,11 @@ pub struct ServerConfig {
     /// `--root-path`): it is stripped from request paths before routing, a path outside it
     /// gets 404, and the bare prefix is redirected to the prefix with a slash. Empty: none.
     pub root_path: String,
+    /// Origins allowed to open WebSockets besides the server's own host (see
+    /// [`origin`](super::origin)). Empty (the default): a handshake without `Origin`, or with
+    /// an `Origin` matching its `Host`, is allowed, any other gets 403. Entries: `*` (all, with
+    /// a startup warning), `https://app.example.com`, `localhost:3000`, `.example.com`.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +99,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             access_log: true,
             root_path: String::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }

@@ -421,6 +421,13 @@ async fn upgrade(
         }
         _ => return bad("missing or invalid Sec-WebSocket-Key"),
     };
+    if let Err(e) = shared.origins.check(
+        req.headers().get(header::ORIGIN),
+        req.headers().get(header::HOST),
+    ) {
+        tracing::debug!(peer = fmt_peer(peer), path, error = %e, "WebSocket origin refused");
+        return (plain(403, &e.to_string()), Some(HandshakeFailure::Origin));
+    }
     let (endpoint, params) = match shared.app.websocket.resolve(path) {
         Some(found) => (found.endpoint.clone(), found.params),
         None if shared.builtins.get(path) == Some(super::builtins::Builtin::AdminSocket) => {

@@ -11,6 +11,7 @@ pub mod config;
 mod http;
 mod instrument;
 pub mod listener;
+pub mod origin;
 mod stats;
 pub(crate) mod ws;
 
@@ -139,6 +140,8 @@ pub(crate) struct Shared {
     pub(crate) admin: Option<admin::Admin>,
     /// `--root-path`, normalized (empty, or `/x` without a trailing slash).
     pub(crate) root_path: String,
+    /// The compiled `allowed_origins`.
+    pub(crate) origins: origin::OriginPolicy,
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
     pub(crate) connections: AtomicUsize,
@@ -303,6 +306,8 @@ impl Server {
                 .config
                 .normalized_root_path()
                 .unwrap_or_else(|_| self.config.root_path.clone()),
+            // An invalid list fails `serve`; until then, allow only the server's own host.
+            origins: origin::OriginPolicy::new(&self.config.allowed_origins).unwrap_or_default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             connections: AtomicUsize::new(0),
@@ -324,6 +329,14 @@ impl Server {
         self.config
             .normalized_root_path()
             .map_err(ServerError::Config)?;
+        let origins =
+            origin::OriginPolicy::new(&self.config.allowed_origins).map_err(ServerError::Config)?;
+        if origins.allows_all() {
+            tracing::warn!(
+                "allowed origins include \"*\": any web page can open WebSockets to this \
+                 server with its visitors' cookies"
+            );
+        }
         let shared = self.shared();
         tracing::debug!(local = listener.describe(), limit = shared.limit, "serving");
         let sweeper = tokio::spawn(sweeper(shared.clone()));

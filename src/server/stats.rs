@@ -29,11 +29,13 @@ pub enum HandshakeFailure {
     Error,
     /// The server was shutting down: 503.
     ShuttingDown,
+    /// The `Origin` is not this server's host nor an allowed origin: 403.
+    Origin,
 }
 
 impl HandshakeFailure {
     /// Every reason, in a stable order.
-    pub const ALL: [HandshakeFailure; 8] = [
+    pub const ALL: [HandshakeFailure; 9] = [
         HandshakeFailure::BadRequest,
         HandshakeFailure::BadVersion,
         HandshakeFailure::NotFound,
@@ -42,6 +44,7 @@ impl HandshakeFailure {
         HandshakeFailure::Timeout,
         HandshakeFailure::Error,
         HandshakeFailure::ShuttingDown,
+        HandshakeFailure::Origin,
     ];
 
     /// A short label for logs and metrics.
@@ -55,6 +58,7 @@ impl HandshakeFailure {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Error => "error",
             HandshakeFailure::ShuttingDown => "shutting_down",
+            HandshakeFailure::Origin => "origin",
         }
     }
 
