@@ -114,6 +114,13 @@ struct ServeArgs {
     /// Most connections at once (default: the open-file limit minus 64).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Most connections at once from one client IP address; more get 503 [default: off]
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+    /// Most messages per second a client may send on one WebSocket; past it the connection
+    /// is closed with 1008 [default: off]
+    #[arg(long, value_name = "N")]
+    max_messages_per_second: Option<u32>,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -530,6 +537,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.http_idle_timeout = Duration::from_secs(args.http_idle_timeout);
     config.max_body_size = args.max_body_size;
     config.max_connections = args.max_connections;
+    config.max_connections_per_ip = args.max_connections_per_ip;
+    config.max_messages_per_second = args.max_messages_per_second;
     config.max_outbound_bytes = args.max_outbound_bytes;
     config.max_outbound_messages = args.max_outbound_messages;
     config.overflow = args.overflow;

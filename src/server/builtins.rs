@@ -743,6 +743,18 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         s.bad_headers,
     );
     out.single(
+        "canal_rate_limited_total",
+        "counter",
+        "WebSockets closed with 1008 for sending more messages per second than allowed.",
+        s.rate_limited,
+    );
+    out.single(
+        "canal_connections_refused_per_ip_total",
+        "counter",
+        "Connections refused with 503 for passing the per-address limit.",
+        s.rejected_per_ip,
+    );
+    out.single(
         "canal_pongs_coalesced_total",
         "counter",
         "Pongs replaced by a newer one for a client that floods pings without reading.",

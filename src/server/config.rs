@@ -76,6 +76,13 @@ pub struct ServerConfig {
     /// an `Origin` matching its `Host`, is allowed, any other gets 403. Entries: `*` (all, with
     /// a startup warning), `https://app.example.com`, `localhost:3000`, `.example.com`.
     pub allowed_origins: Vec<String>,
+    /// Most connections at once from one client IP address (503 past it, before any request is
+    /// read). `None` (the default): no per-address limit, so load tools and proxies that
+    /// open many connections from one address are not throttled.
+    pub max_connections_per_ip: Option<usize>,
+    /// Most messages a client may send on one WebSocket per second (a window of one
+    /// second); past it the connection is closed with 1008. `None` (the default): no limit.
+    pub max_messages_per_second: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +107,8 @@ impl Default for ServerConfig {
             access_log: true,
             root_path: String::new(),
             allowed_origins: Vec::new(),
+            max_connections_per_ip: None,
+            max_messages_per_second: None,
         }
     }
 }

@@ -51,7 +51,18 @@ pub(crate) async fn refuse_busy<I: AsyncWrite + Unpin>(mut stream: I) {
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(1),
         stream.write_all(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\n\r\nserver at connection limit",
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nconnection: close\r\n\r\nserver at connection limit",
+        ),
+    )
+    .await;
+}
+
+/// Answers 503 to a connection over the per-address limit, then closes it.
+pub(crate) async fn refuse_busy_ip<I: AsyncWrite + Unpin>(mut stream: I) {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        stream.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 38\r\nconnection: close\r\n\r\ntoo many connections from this address",
         ),
     )
     .await;
@@ -485,7 +496,7 @@ async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
     let (tx, rx) = oneshot::channel();
-    let guard = ConnGuard::new(shared);
+    let guard = ConnGuard::new(shared, peer);
     shared.tracker.spawn(websocket_task(
         shared.clone(),
         endpoint,

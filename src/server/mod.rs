@@ -15,7 +15,9 @@ pub mod origin;
 mod stats;
 pub(crate) mod ws;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -145,26 +147,69 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
     pub(crate) connections: AtomicUsize,
+    /// Open connections per client address (only kept with `max_connections_per_ip`).
+    pub(crate) per_ip: parking_lot::Mutex<HashMap<IpAddr, usize>>,
     pub(crate) limit: usize,
 }
 
-/// Counts a live connection; dropping it frees the slot.
+/// Counts a live connection (and, with a per-address limit, its client address); dropping it
+/// frees the slot.
 pub(crate) struct ConnGuard {
     shared: Arc<Shared>,
+    /// The client address counted in `per_ip` (boxed: `None` unless the limit is on).
+    ip: Option<Box<IpAddr>>,
 }
 
 impl ConnGuard {
-    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+    /// Counts a connection from `peer` without checking any limit (it was admitted already).
+    pub(crate) fn new(shared: &Arc<Shared>, peer: Option<SocketAddr>) -> Self {
         shared.connections.fetch_add(1, Ordering::Relaxed);
+        let ip = match (shared.config.max_connections_per_ip, peer) {
+            (Some(_), Some(peer)) => {
+                *shared.per_ip.lock().entry(peer.ip()).or_insert(0) += 1;
+                Some(Box::new(peer.ip()))
+            }
+            _ => None,
+        };
         ConnGuard {
             shared: shared.clone(),
+            ip,
         }
+    }
+
+    /// Counts a new connection from `peer`, or `None` when its address is at the per-address
+    /// limit.
+    fn admit(shared: &Arc<Shared>, peer: Option<SocketAddr>) -> Option<Self> {
+        if let (Some(limit), Some(peer)) = (shared.config.max_connections_per_ip, peer) {
+            let mut map = shared.per_ip.lock();
+            let count = map.entry(peer.ip()).or_insert(0);
+            if *count >= limit {
+                return None;
+            }
+            *count += 1;
+            drop(map);
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            return Some(ConnGuard {
+                shared: shared.clone(),
+                ip: Some(Box::new(peer.ip())),
+            });
+        }
+        Some(ConnGuard::new(shared, peer))
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip.take() {
+            let mut map = self.shared.per_ip.lock();
+            if let Some(count) = map.get_mut(&*ip) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    map.remove(&*ip);
+                }
+            }
+        }
     }
 }
 
@@ -311,6 +356,7 @@ impl Server {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             connections: AtomicUsize::new(0),
+            per_ip: parking_lot::Mutex::new(HashMap::new()),
             limit,
         });
         self.stats = Some(shared.clone());
@@ -359,7 +405,11 @@ impl Server {
                             shared.tracker.spawn(http::refuse_busy(stream));
                             continue;
                         }
-                        let guard = ConnGuard::new(&shared);
+                        let Some(guard) = ConnGuard::admit(&shared, peer) else {
+                            shared.stats.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
+                            shared.tracker.spawn(http::refuse_busy_ip(stream));
+                            continue;
+                        };
                         shared.tracker.spawn(http::serve_connection(shared2, stream, peer, guard));
                     }
                     Err(e) => {

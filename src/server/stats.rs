@@ -154,6 +154,10 @@ pub struct ServerStats {
     pub pongs_coalesced: u64,
     /// Requests refused with 400 for a bad header name or value.
     pub bad_headers: u64,
+    /// Connections closed with 1008 for passing `max_messages_per_second`.
+    pub rate_limited: u64,
+    /// Connections refused with 503 for passing `max_connections_per_ip`.
+    pub rejected_per_ip: u64,
     /// Messages this server put into the layer (`send` and `group_send`), by type label.
     pub layer_sent: Vec<(String, u64)>,
     /// Layer messages delivered to this server's connections, by type label.
@@ -314,6 +318,8 @@ pub(crate) struct Counters {
     pub(crate) ping_timeouts: AtomicU64,
     pub(crate) pongs_coalesced: AtomicU64,
     pub(crate) bad_headers: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) rejected_per_ip: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) layer: std::sync::Arc<LayerMetrics>,
 }
@@ -338,6 +344,8 @@ impl Counters {
             ping_timeouts: z(),
             pongs_coalesced: z(),
             bad_headers: z(),
+            rate_limited: z(),
+            rejected_per_ip: z(),
             published: z(),
             layer: std::sync::Arc::new(LayerMetrics::new(declared_types)),
         }
@@ -372,6 +380,8 @@ impl Counters {
             ping_timeouts: r(&self.ping_timeouts),
             pongs_coalesced: r(&self.pongs_coalesced),
             bad_headers: r(&self.bad_headers),
+            rate_limited: r(&self.rate_limited),
+            rejected_per_ip: r(&self.rejected_per_ip),
             layer_sent: self.layer.sent.snapshot(),
             layer_received: self.layer.received.snapshot(),
             layer_errors: LayerOp::ALL

@@ -105,6 +105,10 @@ pub(crate) struct Conn {
     close_code: u16,
     ping_outstanding: bool,
     ping_sent: u32,
+    /// Start (coarse seconds) of the current one-second window of the message rate limit.
+    rate_window: u32,
+    /// Client messages received in that window.
+    rate_count: u32,
     /// A close frame that must follow the current `websocket.send` (Channels 1 `close` key).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Accept headers and subprotocol wait here until the handshake answer is sent (boxed: it
@@ -147,6 +151,8 @@ impl Conn {
             close_code: close_code::ABNORMAL,
             ping_outstanding: false,
             ping_sent: 0,
+            rate_window: 0,
+            rate_count: 0,
             deadline: None,
             decision: None,
             metered,
@@ -601,7 +607,42 @@ impl Conn {
 
     // ---------------------------------------------------------------- reading
 
+    /// Counts one client message against `max_messages_per_second`; true when it is over
+    /// (the connection is then closed with 1008). Windows are whole seconds of the coarse
+    /// clock, so a burst straddling a boundary may pass up to twice the limit.
+    fn over_rate(&mut self) -> bool {
+        let Some(limit) = self.shared.config.max_messages_per_second else {
+            return false;
+        };
+        let now = coarse_secs();
+        if now != self.rate_window {
+            self.rate_window = now;
+            self.rate_count = 0;
+        }
+        self.rate_count = self.rate_count.saturating_add(1);
+        if self.rate_count <= limit {
+            return false;
+        }
+        if !self.close_sent {
+            tracing::warn!(
+                path = self.scope.path(),
+                client = ?self.scope.client(),
+                limit,
+                "client over the message rate limit, closing with 1008"
+            );
+            self.shared
+                .stats
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            self.start_close(close_code::POLICY, "message rate limit exceeded");
+        }
+        true
+    }
+
     fn on_incoming(&mut self, event: Incoming) {
+        if matches!(event, Incoming::Text(_) | Incoming::Binary(_)) && self.over_rate() {
+            return;
+        }
         match event {
             Incoming::Text(text) => {
                 if self.metered {
