@@ -121,6 +121,11 @@ struct ServeArgs {
     /// is closed with 1008 [default: off]
     #[arg(long, value_name = "N")]
     max_messages_per_second: Option<u32>,
+    /// Kernel send buffer of each connection (SO_SNDBUF), in bytes: bounds what a client that
+    /// stops reading pins in the kernel, so the overflow policy applies sooner [default: off,
+    /// the kernel tunes it]
+    #[arg(long, value_name = "BYTES")]
+    socket_send_buffer: Option<usize>,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -539,6 +544,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.max_connections = args.max_connections;
     config.max_connections_per_ip = args.max_connections_per_ip;
     config.max_messages_per_second = args.max_messages_per_second;
+    config.socket_send_buffer = args.socket_send_buffer;
     config.max_outbound_bytes = args.max_outbound_bytes;
     config.max_outbound_messages = args.max_outbound_messages;
     config.overflow = args.overflow;

@@ -83,6 +83,11 @@ pub struct ServerConfig {
     /// Most messages a client may send on one WebSocket per second (a window of one
     /// second); past it the connection is closed with 1008. `None` (the default): no limit.
     pub max_messages_per_second: Option<u32>,
+    /// The kernel send buffer of each accepted socket (`SO_SNDBUF`, set on the listener), in
+    /// bytes. It bounds the kernel memory a client that stops reading can pin (up to 4 MiB
+    /// each with Linux's autotuning), and makes the outbound queue bound, hence the overflow
+    /// policy, apply sooner. `None` (the default): the kernel tunes it.
+    pub socket_send_buffer: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +114,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             max_connections_per_ip: None,
             max_messages_per_second: None,
+            socket_send_buffer: None,
         }
     }
 }

@@ -383,6 +383,11 @@ impl Server {
                  server with its visitors' cookies"
             );
         }
+        if let Some(bytes) = self.config.socket_send_buffer {
+            listener.set_send_buffer(bytes).map_err(|e| {
+                ServerError::Config(format!("cannot set the socket send buffer: {e}"))
+            })?;
+        }
         let shared = self.shared();
         tracing::debug!(local = listener.describe(), limit = shared.limit, "serving");
         let sweeper = tokio::spawn(sweeper(shared.clone()));
