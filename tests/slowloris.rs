@@ -38,9 +38,7 @@ async fn slow_header_senders_are_cut_off_while_others_are_served() {
             let mut bytes = head.chain(std::iter::repeat(b'a')).take(300);
             let mut buf = [0u8; 256];
             loop {
-                let Some(b) = bytes.next() else {
-                    return None;
-                };
+                let b = bytes.next()?;
                 if s.write_all(&[b]).await.is_err() {
                     break;
                 }

@@ -126,6 +126,10 @@ struct ServeArgs {
     /// the kernel tunes it]
     #[arg(long, value_name = "BYTES")]
     socket_send_buffer: Option<usize>,
+    /// Seconds one consumer handler run may take before it is cancelled and its connection
+    /// closed with 1011 (only handlers that await can be cut off) [default: off]
+    #[arg(long, value_name = "SECONDS")]
+    handler_timeout: Option<f64>,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -545,6 +549,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.max_connections_per_ip = args.max_connections_per_ip;
     config.max_messages_per_second = args.max_messages_per_second;
     config.socket_send_buffer = args.socket_send_buffer;
+    config.handler_timeout = match args.handler_timeout.map(Duration::try_from_secs_f64) {
+        None => None,
+        Some(Ok(d)) if !d.is_zero() => Some(d),
+        Some(_) => {
+            eprintln!("canal: --handler-timeout must be a positive number of seconds");
+            return ExitCode::from(2);
+        }
+    };
     config.max_outbound_bytes = args.max_outbound_bytes;
     config.max_outbound_messages = args.max_outbound_messages;
     config.overflow = args.overflow;

@@ -743,6 +743,12 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         s.bad_headers,
     );
     out.single(
+        "canal_handler_timeouts_total",
+        "counter",
+        "Consumer handlers cancelled for running past the handler timeout.",
+        s.handler_timeouts,
+    );
+    out.single(
         "canal_rate_limited_total",
         "counter",
         "WebSockets closed with 1008 for sending more messages per second than allowed.",

@@ -88,6 +88,13 @@ pub struct ServerConfig {
     /// each with Linux's autotuning), and makes the outbound queue bound, hence the overflow
     /// policy, apply sooner. `None` (the default): the kernel tunes it.
     pub socket_send_buffer: Option<usize>,
+    /// How long one handler run (`connect`, `receive`, an event) may take; past it the handler
+    /// is dropped and the connection closed with 1011. `None` (the default): no limit.
+    ///
+    /// Only a handler that yields (awaits) can be cut off. A future that never returns from a
+    /// poll (a busy loop, blocking I/O) holds its worker thread and cannot be preempted in
+    /// Rust; run blocking code with `tokio::task::spawn_blocking`.
+    pub handler_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +122,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: None,
             max_messages_per_second: None,
             socket_send_buffer: None,
+            handler_timeout: None,
         }
     }
 }

@@ -156,6 +156,8 @@ pub struct ServerStats {
     pub bad_headers: u64,
     /// Connections closed with 1008 for passing `max_messages_per_second`.
     pub rate_limited: u64,
+    /// Handlers cancelled for running past `handler_timeout` (their connection gets 1011).
+    pub handler_timeouts: u64,
     /// Connections refused with 503 for passing `max_connections_per_ip`.
     pub rejected_per_ip: u64,
     /// Messages this server put into the layer (`send` and `group_send`), by type label.
@@ -319,6 +321,7 @@ pub(crate) struct Counters {
     pub(crate) pongs_coalesced: AtomicU64,
     pub(crate) bad_headers: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
+    pub(crate) handler_timeouts: AtomicU64,
     pub(crate) rejected_per_ip: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) layer: std::sync::Arc<LayerMetrics>,
@@ -345,6 +348,7 @@ impl Counters {
             pongs_coalesced: z(),
             bad_headers: z(),
             rate_limited: z(),
+            handler_timeouts: z(),
             rejected_per_ip: z(),
             published: z(),
             layer: std::sync::Arc::new(LayerMetrics::new(declared_types)),
@@ -381,6 +385,7 @@ impl Counters {
             pongs_coalesced: r(&self.pongs_coalesced),
             bad_headers: r(&self.bad_headers),
             rate_limited: r(&self.rate_limited),
+            handler_timeouts: r(&self.handler_timeouts),
             rejected_per_ip: r(&self.rejected_per_ip),
             layer_sent: self.layer.sent.snapshot(),
             layer_received: self.layer.received.snapshot(),

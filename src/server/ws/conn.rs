@@ -105,6 +105,8 @@ pub(crate) struct Conn {
     close_code: u16,
     ping_outstanding: bool,
     ping_sent: u32,
+    /// When the running handler is cut off (`handler_timeout`); the timer is reused.
+    handler_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Start (coarse seconds) of the current one-second window of the message rate limit.
     rate_window: u32,
     /// Client messages received in that window.
@@ -123,6 +125,8 @@ enum HandlerOutcome {
     Ok,
     Failed(String),
     Panicked,
+    /// The handler ran past `handler_timeout` and was dropped (with the consumer).
+    TimedOut,
 }
 
 impl Conn {
@@ -153,6 +157,7 @@ impl Conn {
             ping_sent: 0,
             rate_window: 0,
             rate_count: 0,
+            handler_deadline: None,
             deadline: None,
             decision: None,
             metered,
@@ -172,6 +177,15 @@ impl Conn {
                 let layer = self.shared.layer.clone();
                 let fut = crate::seed::with_layer(layer, consumer.handle(event));
                 self.slot = Slot::Busy(Box::pin(fut));
+                if let Some(limit) = self.shared.config.handler_timeout {
+                    let at = tokio::time::Instant::now() + limit;
+                    match self.handler_deadline.as_mut() {
+                        Some(sleep) => sleep.as_mut().reset(at),
+                        None => {
+                            self.handler_deadline = Some(Box::pin(tokio::time::sleep_until(at)))
+                        }
+                    }
+                }
             }
             other => self.slot = other,
         }
@@ -184,7 +198,17 @@ impl Conn {
         };
         let result = AssertUnwindSafe(fut.as_mut()).catch_unwind().poll_unpin(cx);
         match result {
-            Poll::Pending => None,
+            Poll::Pending => {
+                // Only a handler that yields can be cut off here: one that never returns from
+                // a poll holds its worker thread, and nothing in Rust can preempt it.
+                if let Some(deadline) = self.handler_deadline.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    self.slot = Slot::Gone;
+                    return Some(HandlerOutcome::TimedOut);
+                }
+                None
+            }
             Poll::Ready(Ok((consumer, result))) => {
                 self.slot = Slot::Idle(consumer);
                 Some(match result {
@@ -214,6 +238,17 @@ impl Conn {
                 self.shared
                     .stats
                     .handler_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            HandlerOutcome::TimedOut => {
+                tracing::error!(
+                    path = self.scope.path(),
+                    timeout = ?self.shared.config.handler_timeout,
+                    "handler ran past the handler timeout; cancelled"
+                );
+                self.shared
+                    .stats
+                    .handler_timeouts
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
