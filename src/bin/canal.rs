@@ -130,6 +130,19 @@ struct ServeArgs {
     /// closed with 1011 (only handlers that await can be cut off) [default: off]
     #[arg(long, value_name = "SECONDS")]
     handler_timeout: Option<f64>,
+    /// HS256 secret for WebSocket tokens (`token` query parameter, `token` cookie, or
+    /// `Sec-WebSocket-Protocol: bearer, <token>`); prefer the CANAL_JWT_SECRET environment
+    /// variable [default: off, tokens are not read]
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "CANAL_JWT_SECRET",
+        hide_env_values = true
+    )]
+    jwt_secret: Option<String>,
+    /// Require a valid token (an authenticated user) on every WebSocket route (403 otherwise)
+    #[arg(long)]
+    require_user: bool,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -549,6 +562,15 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.max_connections_per_ip = args.max_connections_per_ip;
     config.max_messages_per_second = args.max_messages_per_second;
     config.socket_send_buffer = args.socket_send_buffer;
+    config.jwt_secret = match args.jwt_secret.as_deref() {
+        Some("") => {
+            eprintln!("canal: the JWT secret is empty");
+            return ExitCode::from(2);
+        }
+        Some(secret) => Some(canal::server::auth::JwtSecret::new(secret)),
+        None => None,
+    };
+    config.require_user = args.require_user;
     config.handler_timeout = match args.handler_timeout.map(Duration::try_from_secs_f64) {
         None => None,
         Some(Ok(d)) if !d.is_zero() => Some(d),

@@ -95,6 +95,15 @@ pub struct ServerConfig {
     /// poll (a busy loop, blocking I/O) holds its worker thread and cannot be preempted in
     /// Rust; run blocking code with `tokio::task::spawn_blocking`.
     pub handler_timeout: Option<Duration>,
+    /// The HS256 secret that WebSocket handshake tokens are checked with (see
+    /// [`auth`](super::auth)); give it from the environment or a config file, never from the
+    /// repository. `None` (the default): tokens are not read and no user is set.
+    pub jwt_secret: Option<super::auth::JwtSecret>,
+    /// Require an authenticated user on every WebSocket route (403 before the upgrade
+    /// without a valid token). Default `false`: only routes wrapped in
+    /// [`login_required`](crate::login_required), or consumers whose `check` asks for
+    /// [`Scope::user`](crate::Scope::user), require one.
+    pub require_user: bool,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +132,8 @@ impl Default for ServerConfig {
             max_messages_per_second: None,
             socket_send_buffer: None,
             handler_timeout: None,
+            jwt_secret: None,
+            require_user: false,
         }
     }
 }

@@ -261,13 +261,17 @@ async fn handle(
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
         });
+    let logged = shared
+        .config
+        .access_log
+        .then(|| super::auth::logged_target(&path, req.uri().query()));
     if is_upgrade {
         let (resp, failure) = upgrade(shared, peer, &path, req).await;
         if let Some(reason) = failure {
             shared.stats.handshake_failed(reason);
-            if shared.config.access_log {
+            if let Some(logged) = logged {
                 let status = resp.status().as_u16();
-                tracing::info!(target: "canal::access", "{peer_text} - - \"WSREJECT {path}\" {status}");
+                tracing::info!(target: "canal::access", "{peer_text} - - \"WSREJECT {logged}\" {status}");
             }
         }
         return resp;
@@ -275,13 +279,13 @@ async fn handle(
     shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
     let method = req.method().clone();
     let resp = plain_http(shared, peer, &path, req).await;
-    if shared.config.access_log {
+    if let Some(logged) = logged {
         let size = hyper::body::Body::size_hint(resp.body())
             .exact()
             .unwrap_or(0);
         tracing::info!(
             target: "canal::access",
-            "{peer_text} - - \"{method} {path}\" {} {size}",
+            "{peer_text} - - \"{method} {logged}\" {} {size}",
             resp.status().as_u16()
         );
     }
@@ -486,6 +490,17 @@ async fn upgrade(
     );
     scope.set_params(&params);
     scope.set_root_path(&shared.root_path);
+    let token_source = match authenticate(shared, &req, endpoint.requires_user) {
+        Ok(Some((user, source))) => {
+            scope.set_user(Some(user));
+            Some(source)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(peer = fmt_peer(peer), path, error = %e, "WebSocket authentication failed");
+            return (plain(403, &e.to_string()), Some(HandshakeFailure::Auth));
+        }
+    };
     if let Err(rejection) = endpoint.factory.check(&scope) {
         return (
             plain(rejection.status, &rejection.message),
@@ -522,6 +537,12 @@ async fn upgrade(
             if let Ok(v) = HeaderValue::from_str(&accept_key(&key)) {
                 h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
             }
+            // A token sent as `bearer, <token>` needs `bearer` selected, or browsers fail the
+            // handshake.
+            let subprotocol = subprotocol.or_else(|| {
+                (token_source == Some(super::auth::TokenSource::Protocol))
+                    .then(|| "bearer".to_owned())
+            });
             if let Some(p) = subprotocol {
                 if offered.contains(&p)
                     && let Ok(v) = HeaderValue::from_str(&p)
@@ -547,6 +568,33 @@ async fn upgrade(
             }
             (resp, None)
         }
+    }
+}
+
+/// Checks the handshake's token, if the server has a secret: `Ok(Some(user))` for a valid
+/// one, `Ok(None)` without one where no user is required, and the reason otherwise.
+fn authenticate(
+    shared: &Shared,
+    req: &hyper::Request<Incoming>,
+    route_requires_user: bool,
+) -> Result<Option<(String, super::auth::TokenSource)>, super::auth::AuthError> {
+    let required = route_requires_user || shared.config.require_user;
+    let Some(secret) = &shared.config.jwt_secret else {
+        return if required {
+            Err(super::auth::AuthError::Missing)
+        } else {
+            Ok(None)
+        };
+    };
+    match super::auth::find_token(req.headers(), req.uri().query()) {
+        Some((token, source)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            super::auth::verify_hs256(&token, secret, now).map(|user| Some((user, source)))
+        }
+        None if required => Err(super::auth::AuthError::Missing),
+        None => Ok(None),
     }
 }
 

@@ -6,6 +6,7 @@
 //! ([`ws::conn`]) and hyper lets go of it.
 
 mod admin;
+pub mod auth;
 mod builtins;
 pub mod config;
 mod http;

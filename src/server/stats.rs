@@ -31,11 +31,13 @@ pub enum HandshakeFailure {
     ShuttingDown,
     /// The `Origin` is not this server's host nor an allowed origin: 403.
     Origin,
+    /// A missing (where a user is required), malformed, wrongly signed or expired token: 403.
+    Auth,
 }
 
 impl HandshakeFailure {
     /// Every reason, in a stable order.
-    pub const ALL: [HandshakeFailure; 9] = [
+    pub const ALL: [HandshakeFailure; 10] = [
         HandshakeFailure::BadRequest,
         HandshakeFailure::BadVersion,
         HandshakeFailure::NotFound,
@@ -45,6 +47,7 @@ impl HandshakeFailure {
         HandshakeFailure::Error,
         HandshakeFailure::ShuttingDown,
         HandshakeFailure::Origin,
+        HandshakeFailure::Auth,
     ];
 
     /// A short label for logs and metrics.
@@ -59,6 +62,7 @@ impl HandshakeFailure {
             HandshakeFailure::Error => "error",
             HandshakeFailure::ShuttingDown => "shutting_down",
             HandshakeFailure::Origin => "origin",
+            HandshakeFailure::Auth => "auth",
         }
     }
 

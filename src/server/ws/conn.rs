@@ -965,7 +965,10 @@ impl Conn {
                 target: "canal::access",
                 "{} - - \"WSDISCONNECT {}\" {}",
                 fmt_peer(self.scope.client()),
-                self.scope.path(),
+                crate::server::auth::logged_target(
+                    self.scope.path(),
+                    Some(self.scope.query_string())
+                ),
                 self.close_code
             );
         }
