@@ -143,6 +143,12 @@ struct ServeArgs {
     /// Require a valid token (an authenticated user) on every WebSocket route (403 otherwise)
     #[arg(long)]
     require_user: bool,
+    /// PEM certificate chain: serve HTTPS and wss:// (with --tls-key) [default: off]
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -571,6 +577,15 @@ async fn serve(args: ServeArgs) -> ExitCode {
         None => None,
     };
     config.require_user = args.require_user;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        match canal::server::tls::load(cert, key) {
+            Ok(tls) => config.tls = Some(tls),
+            Err(e) => {
+                eprintln!("canal: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     config.handler_timeout = match args.handler_timeout.map(Duration::try_from_secs_f64) {
         None => None,
         Some(Ok(d)) if !d.is_zero() => Some(d),
@@ -594,6 +609,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
 
+    let (http_scheme, ws_scheme) = if config.tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     let admin_token = args.deploy.admin_token();
     let mut server = match Server::new(demo::app())
         .with_config(config)
@@ -622,13 +642,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 .local_addr()
                 .map_or(args.bind.clone(), |a| a.to_string());
             println!(
-                "canal serving on http://{addr}{root}/ (chat page), ws://{addr}{root}/ws/echo/ and \
-                 ws://{addr}{root}/ws/chat/{{room}}/ — {layer_name}, up to {limit} connections; \
-                 Ctrl-C to stop"
+                "canal serving on {http_scheme}://{addr}{root}/ (chat page), \
+                 {ws_scheme}://{addr}{root}/ws/echo/ and {ws_scheme}://{addr}{root}/ws/chat/{{room}}/ \
+                 — {layer_name}, up to {limit} connections; Ctrl-C to stop"
             );
             if let Some(token) = &admin_token {
                 let admin = args.deploy.admin_path.trim_end_matches('/');
-                println!("canal dashboard on http://{addr}{root}{admin}/?token={token}");
+                println!("canal dashboard on {http_scheme}://{addr}{root}{admin}/?token={token}");
             }
             server.serve(listener, shutdown).await
         }

@@ -743,6 +743,12 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         s.bad_headers,
     );
     out.single(
+        "canal_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed or did not finish within the header timeout.",
+        s.tls_failures,
+    );
+    out.single(
         "canal_handler_timeouts_total",
         "counter",
         "Consumer handlers cancelled for running past the handler timeout.",

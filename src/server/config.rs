@@ -104,6 +104,9 @@ pub struct ServerConfig {
     /// [`login_required`](crate::login_required), or consumers whose `check` asks for
     /// [`Scope::user`](crate::Scope::user), require one.
     pub require_user: bool,
+    /// Serve HTTPS and `wss://` with this rustls configuration (see
+    /// [`tls::load`](super::tls::load) for PEM files). `None` (the default): plain TCP.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -134,6 +137,7 @@ impl Default for ServerConfig {
             handler_timeout: None,
             jwt_secret: None,
             require_user: false,
+            tls: None,
         }
     }
 }

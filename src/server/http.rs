@@ -75,6 +75,33 @@ struct Activity {
     last: AtomicU32,
 }
 
+/// Runs the TLS handshake (within the header timeout), then serves the connection.
+pub(crate) async fn serve_tls<I>(
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: I,
+    peer: Option<SocketAddr>,
+    guard: ConnGuard,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
+    tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(tls)) => serve_connection(shared, tls, peer, guard).await,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = fmt_peer(peer), error = %e, "TLS handshake failed");
+                shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                tracing::debug!(peer = fmt_peer(peer), "TLS handshake timed out");
+                shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        () = shared.shutdown.cancelled() => {}
+    }
+}
+
 /// Serves one connection with hyper until it closes, is idle too long, or the server stops.
 pub(crate) async fn serve_connection<I>(
     shared: Arc<Shared>,

@@ -14,6 +14,7 @@ mod instrument;
 pub mod listener;
 pub mod origin;
 mod stats;
+pub mod tls;
 pub(crate) mod ws;
 
 use std::collections::HashMap;
@@ -416,7 +417,15 @@ impl Server {
                             shared.tracker.spawn(http::refuse_busy_ip(stream));
                             continue;
                         };
-                        shared.tracker.spawn(http::serve_connection(shared2, stream, peer, guard));
+                        match &shared.config.tls {
+                            Some(tls) => {
+                                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                                shared.tracker.spawn(http::serve_tls(shared2, acceptor, stream, peer, guard));
+                            }
+                            None => {
+                                shared.tracker.spawn(http::serve_connection(shared2, stream, peer, guard));
+                            }
+                        }
                     }
                     Err(e) => {
                         if is_resource_exhaustion(&e) {

@@ -162,6 +162,8 @@ pub struct ServerStats {
     pub rate_limited: u64,
     /// Handlers cancelled for running past `handler_timeout` (their connection gets 1011).
     pub handler_timeouts: u64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_failures: u64,
     /// Connections refused with 503 for passing `max_connections_per_ip`.
     pub rejected_per_ip: u64,
     /// Messages this server put into the layer (`send` and `group_send`), by type label.
@@ -326,6 +328,7 @@ pub(crate) struct Counters {
     pub(crate) bad_headers: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
     pub(crate) handler_timeouts: AtomicU64,
+    pub(crate) tls_failures: AtomicU64,
     pub(crate) rejected_per_ip: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) layer: std::sync::Arc<LayerMetrics>,
@@ -353,6 +356,7 @@ impl Counters {
             bad_headers: z(),
             rate_limited: z(),
             handler_timeouts: z(),
+            tls_failures: z(),
             rejected_per_ip: z(),
             published: z(),
             layer: std::sync::Arc::new(LayerMetrics::new(declared_types)),
@@ -390,6 +394,7 @@ impl Counters {
             bad_headers: r(&self.bad_headers),
             rate_limited: r(&self.rate_limited),
             handler_timeouts: r(&self.handler_timeouts),
+            tls_failures: r(&self.tls_failures),
             rejected_per_ip: r(&self.rejected_per_ip),
             layer_sent: self.layer.sent.snapshot(),
             layer_received: self.layer.received.snapshot(),
