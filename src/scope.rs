@@ -78,6 +78,8 @@ pub struct Scope {
     params: Pairs,
     client: Option<SocketAddr>,
     user: Option<Box<str>>,
+    /// Whether the client reached us over TLS (ours, or a trusted proxy's).
+    secure: bool,
 }
 
 impl std::fmt::Debug for Scope {
@@ -127,6 +129,7 @@ impl Scope {
             params: Pairs::default(),
             client,
             user: None,
+            secure: false,
         }
     }
 
@@ -251,9 +254,25 @@ impl Scope {
             .ok_or_else(|| crate::Error::msg(format!("route has no parameter {name:?}")))
     }
 
-    /// The peer address, if known.
+    /// The client's address, if known: the peer, or, behind a trusted proxy, the address
+    /// it forwarded in `X-Forwarded-For` (with port 0).
     pub fn client(&self) -> Option<SocketAddr> {
         self.client
+    }
+
+    /// The URL scheme the client used: `ws`/`wss` for WebSockets, `http`/`https` otherwise
+    /// (`wss`/`https` over our TLS, or when a trusted proxy says `X-Forwarded-Proto: https`).
+    pub fn scheme(&self) -> &'static str {
+        match (self.kind == ScopeKind::WebSocket, self.secure) {
+            (true, false) => "ws",
+            (true, true) => "wss",
+            (false, false) => "http",
+            (false, true) => "https",
+        }
+    }
+
+    pub(crate) fn set_secure(&mut self, secure: bool) {
+        self.secure = secure;
     }
 
     /// The authenticated user, if any.

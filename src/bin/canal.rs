@@ -149,6 +149,10 @@ struct ServeArgs {
     /// PEM private key for --tls-cert
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Proxy addresses whose X-Forwarded-For / X-Forwarded-Proto are believed,
+    /// comma-separated [default: none, the headers are ignored]
+    #[arg(long, value_name = "IPS", value_delimiter = ',')]
+    trusted_proxies: Vec<std::net::IpAddr>,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -577,6 +581,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         None => None,
     };
     config.require_user = args.require_user;
+    config.trusted_proxies = args.trusted_proxies.clone();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         match canal::server::tls::load(cert, key) {
             Ok(tls) => config.tls = Some(tls),

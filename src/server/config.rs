@@ -107,6 +107,10 @@ pub struct ServerConfig {
     /// Serve HTTPS and `wss://` with this rustls configuration (see
     /// [`tls::load`](super::tls::load) for PEM files). `None` (the default): plain TCP.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed (exact
+    /// addresses). Empty (the default): those headers never change the scope's client or
+    /// scheme. Limits per client address still count the proxy's address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for ServerConfig {
@@ -138,6 +142,7 @@ impl Default for ServerConfig {
             jwt_secret: None,
             require_user: false,
             tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -278,7 +278,13 @@ async fn handle(
         Rooted::Bare => return redirect_to_root(&shared.root_path, req.uri().query()),
         Rooted::Outside => return plain(404, "Not Found"),
     };
-    let peer_text = fmt_peer(peer);
+    let (client, secure) = super::proxy::resolve(
+        &shared.config.trusted_proxies,
+        peer,
+        req.headers(),
+        shared.config.tls.is_some(),
+    );
+    let peer_text = fmt_peer(client);
     let is_upgrade = req
         .headers()
         .get_all(header::UPGRADE)
@@ -293,7 +299,7 @@ async fn handle(
         .access_log
         .then(|| super::auth::logged_target(&path, req.uri().query()));
     if is_upgrade {
-        let (resp, failure) = upgrade(shared, peer, &path, req).await;
+        let (resp, failure) = upgrade(shared, peer, (client, secure), &path, req).await;
         if let Some(reason) = failure {
             shared.stats.handshake_failed(reason);
             if let Some(logged) = logged {
@@ -305,7 +311,7 @@ async fn handle(
     }
     shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
     let method = req.method().clone();
-    let resp = plain_http(shared, peer, &path, req).await;
+    let resp = plain_http(shared, (client, secure), &path, req).await;
     if let Some(logged) = logged {
         let size = hyper::body::Body::size_hint(resp.body())
             .exact()
@@ -321,7 +327,7 @@ async fn handle(
 
 async fn plain_http(
     shared: &Arc<Shared>,
-    peer: Option<SocketAddr>,
+    (client, secure): (Option<SocketAddr>, bool),
     path: &str,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Body> {
@@ -344,8 +350,9 @@ async fn plain_http(
         path,
         req.uri().query().unwrap_or(""),
         req.headers(),
-        peer,
+        client,
     );
+    scope.set_secure(secure);
     scope.set_params(&found.params);
     scope.set_root_path(&shared.root_path);
     let body = match Limited::new(req.into_body(), shared.config.max_body_size)
@@ -428,6 +435,7 @@ pub(crate) fn accept_key(key: &[u8]) -> String {
 async fn upgrade(
     shared: &Arc<Shared>,
     peer: Option<SocketAddr>,
+    (client, secure): (Option<SocketAddr>, bool),
     path: &str,
     mut req: hyper::Request<Incoming>,
 ) -> (hyper::Response<Body>, Option<HandshakeFailure>) {
@@ -513,8 +521,9 @@ async fn upgrade(
         path,
         req.uri().query().unwrap_or(""),
         req.headers(),
-        peer,
+        client,
     );
+    scope.set_secure(secure);
     scope.set_params(&params);
     scope.set_root_path(&shared.root_path);
     let token_source = match authenticate(shared, &req, endpoint.requires_user) {

@@ -13,6 +13,7 @@ mod http;
 mod instrument;
 pub mod listener;
 pub mod origin;
+mod proxy;
 mod stats;
 pub mod tls;
 pub(crate) mod ws;
