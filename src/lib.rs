@@ -62,6 +62,8 @@
 pub mod consumer;
 pub mod demo;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layer;
 pub mod message;
 pub mod routing;

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the chat page and the demo endpoints (/ws/echo/, /ws/chat/{room}/, /health).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Consume named channels: log each message, print it as a JSON line, and answer on its
     /// `reply_to` channel if it names one (needs a shared layer such as Redis).
     Worker(WorkerArgs),
@@ -404,7 +404,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Worker(args) => runtime.block_on(worker(args)),
         Command::Send(args) => runtime.block_on(send(args)),
     }

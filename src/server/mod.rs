@@ -29,6 +29,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builtins::Builtins;
+pub(crate) use http::{accept_key as http_accept_key, check_headers as http_check_headers};
+
+/// The proxy-header resolution, for the property harness.
+pub(crate) fn proxy_resolve(
+    trusted: &[std::net::IpAddr],
+    peer: Option<SocketAddr>,
+    headers: &hyper::HeaderMap,
+) -> (Option<SocketAddr>, bool) {
+    proxy::resolve(trusted, peer, headers, false)
+}
 pub use config::{OverflowPolicy, ServerConfig};
 pub use listener::{AdoptError, Inherited, Listener, adopt_fd};
 pub use stats::{
