@@ -2,6 +2,8 @@
 //! cookie or `Sec-WebSocket-Protocol: bearer, <token>`; routes that require a user; 403 for
 //! missing, forged or expired tokens; the token redacted in the access log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

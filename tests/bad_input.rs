@@ -2,6 +2,8 @@
 //! the server must have answered with the expected status or close code, still be up, and an
 //! unrelated client (connected before the first case) must still get its echo back.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -4,6 +4,8 @@
 //! The stuck handler awaits in a loop (it yields on every turn). A future that never yields
 //! cannot be preempted in Rust, so that case is documented, not tested.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

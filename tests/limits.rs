@@ -1,5 +1,7 @@
 //! Limits that are off by default: connections per client address and messages per second.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

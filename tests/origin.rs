@@ -1,5 +1,7 @@
 //! Origin validation on WebSocket handshakes, over real loopback sockets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use canal::demo;

@@ -1,5 +1,7 @@
 //! Proxy headers are believed only from configured proxies.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use canal::demo;

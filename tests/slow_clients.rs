@@ -7,6 +7,8 @@
 //! sockets of both sides are not in one process: 200 members, a sender and a few probes here
 //! (about 210 open files), as many in the child.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::OwnedFd;

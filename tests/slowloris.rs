@@ -4,6 +4,8 @@
 //! Sockets: 500 slow clients + a few normal ones, twice (client and server side) in this
 //! process: about 1,010 open files, far under the 20,000 cap.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

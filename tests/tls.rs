@@ -3,6 +3,8 @@
 //! The certificate is made for the test with the `openssl` command (it is in Debian's base
 //! images; the test says so loudly and passes if it is missing).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::PathBuf;
