@@ -141,12 +141,13 @@ struct ServeArgs {
     )]
     jwt_secret: Option<String>,
     /// Require a valid token (an authenticated user) on every WebSocket route (403 otherwise)
+    /// [default: off]
     #[arg(long)]
     require_user: bool,
     /// PEM certificate chain: serve HTTPS and wss:// (with --tls-key) [default: off]
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
-    /// PEM private key for --tls-cert
+    /// PEM private key for --tls-cert [default: off]
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
     /// Proxy addresses whose X-Forwarded-For / X-Forwarded-Proto are believed,
