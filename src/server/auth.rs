@@ -186,10 +186,10 @@ pub(crate) fn find_token(
 }
 
 /// A path with its query string for the access log, `token` values redacted.
-pub(crate) fn logged_target(path: &str, query: Option<&str>) -> String {
+pub(crate) fn logged_target<'a>(path: &'a str, query: Option<&str>) -> Cow<'a, str> {
     match query {
-        Some(q) if !q.is_empty() => format!("{path}?{}", redact_query(q)),
-        _ => path.to_owned(),
+        Some(q) if !q.is_empty() => Cow::Owned(format!("{path}?{}", redact_query(q))),
+        _ => Cow::Borrowed(path),
     }
 }
 
