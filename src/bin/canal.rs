@@ -154,6 +154,10 @@ struct ServeArgs {
     /// comma-separated [default: none, the headers are ignored]
     #[arg(long, value_name = "IPS", value_delimiter = ',')]
     trusted_proxies: Vec<std::net::IpAddr>,
+    /// Bytes all WebSockets may buffer together (outbound queues, partial inbound frames);
+    /// past it the largest holders are closed with 1008 [default: off]
+    #[arg(long, value_name = "BYTES")]
+    memory_budget: Option<usize>,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -583,6 +587,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     config.require_user = args.require_user;
     config.trusted_proxies = args.trusted_proxies.clone();
+    config.memory_budget = args.memory_budget;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         match canal::server::tls::load(cert, key) {
             Ok(tls) => config.tls = Some(tls),

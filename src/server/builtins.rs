@@ -743,6 +743,18 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         s.bad_headers,
     );
     out.single(
+        "canal_memory_budget_closes_total",
+        "counter",
+        "WebSockets closed with 1008 because the server was over its memory budget.",
+        s.memory_closes,
+    );
+    out.single(
+        "canal_buffered_bytes",
+        "gauge",
+        "Bytes WebSockets buffer (outbound queues, partial frames), counted with a memory budget.",
+        s.buffered_bytes,
+    );
+    out.single(
         "canal_tls_handshake_failures_total",
         "counter",
         "TLS handshakes that failed or did not finish within the header timeout.",

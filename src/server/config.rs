@@ -111,6 +111,12 @@ pub struct ServerConfig {
     /// addresses). Empty (the default): those headers never change the scope's client or
     /// scheme. Limits per client address still count the proxy's address.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// A budget, in bytes, for what all WebSocket connections buffer together (outbound
+    /// queues and partial inbound frames, which are allocated at their announced length).
+    /// Past it, a connection that holds more than an even share is closed with 1008 when it
+    /// next does something, and counted. `None` (the default): each connection is bounded on
+    /// its own only (frame and message limits, outbound queue bounds).
+    pub memory_budget: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -143,6 +149,7 @@ impl Default for ServerConfig {
             require_user: false,
             tls: None,
             trusted_proxies: Vec::new(),
+            memory_budget: None,
         }
     }
 }

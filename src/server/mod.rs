@@ -160,6 +160,8 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
     pub(crate) connections: AtomicUsize,
+    /// Bytes buffered by WebSocket connections, as they last reported (with a memory budget).
+    pub(crate) buffered: AtomicUsize,
     /// Open connections per client address (only kept with `max_connections_per_ip`).
     pub(crate) per_ip: parking_lot::Mutex<HashMap<IpAddr, usize>>,
     pub(crate) limit: usize,
@@ -265,9 +267,12 @@ impl std::fmt::Debug for ServerHandle {
 impl ServerHandle {
     /// Counters of the server.
     pub fn stats(&self) -> ServerStats {
-        self.shared
+        let mut stats = self
+            .shared
             .stats
-            .snapshot(self.shared.connections.load(Ordering::Relaxed))
+            .snapshot(self.shared.connections.load(Ordering::Relaxed));
+        stats.buffered_bytes = self.shared.buffered.load(Ordering::Relaxed) as u64;
+        stats
     }
 
     /// The channel layer the server runs with.
@@ -369,6 +374,7 @@ impl Server {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             connections: AtomicUsize::new(0),
+            buffered: AtomicUsize::new(0),
             per_ip: parking_lot::Mutex::new(HashMap::new()),
             limit,
         });

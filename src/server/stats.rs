@@ -164,6 +164,10 @@ pub struct ServerStats {
     pub handler_timeouts: u64,
     /// TLS handshakes that failed or timed out.
     pub tls_failures: u64,
+    /// WebSockets closed with 1008 because the server was over its memory budget.
+    pub memory_closes: u64,
+    /// Bytes buffered by WebSocket connections as they last reported (with a memory budget).
+    pub buffered_bytes: u64,
     /// Connections refused with 503 for passing `max_connections_per_ip`.
     pub rejected_per_ip: u64,
     /// Messages this server put into the layer (`send` and `group_send`), by type label.
@@ -329,6 +333,7 @@ pub(crate) struct Counters {
     pub(crate) rate_limited: AtomicU64,
     pub(crate) handler_timeouts: AtomicU64,
     pub(crate) tls_failures: AtomicU64,
+    pub(crate) memory_closes: AtomicU64,
     pub(crate) rejected_per_ip: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) layer: std::sync::Arc<LayerMetrics>,
@@ -357,6 +362,7 @@ impl Counters {
             rate_limited: z(),
             handler_timeouts: z(),
             tls_failures: z(),
+            memory_closes: z(),
             rejected_per_ip: z(),
             published: z(),
             layer: std::sync::Arc::new(LayerMetrics::new(declared_types)),
@@ -395,6 +401,8 @@ impl Counters {
             rate_limited: r(&self.rate_limited),
             handler_timeouts: r(&self.handler_timeouts),
             tls_failures: r(&self.tls_failures),
+            memory_closes: r(&self.memory_closes),
+            buffered_bytes: 0,
             rejected_per_ip: r(&self.rejected_per_ip),
             layer_sent: self.layer.sent.snapshot(),
             layer_received: self.layer.received.snapshot(),

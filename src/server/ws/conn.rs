@@ -107,6 +107,8 @@ pub(crate) struct Conn {
     ping_sent: u32,
     /// When the running handler is cut off (`handler_timeout`); the timer is reused.
     handler_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes this connection last reported into the server's memory budget.
+    reported: u32,
     /// Start (coarse seconds) of the current one-second window of the message rate limit.
     rate_window: u32,
     /// Client messages received in that window.
@@ -157,6 +159,7 @@ impl Conn {
             ping_sent: 0,
             rate_window: 0,
             rate_count: 0,
+            reported: 0,
             handler_deadline: None,
             deadline: None,
             decision: None,
@@ -642,6 +645,77 @@ impl Conn {
 
     // ---------------------------------------------------------------- reading
 
+    /// With a memory budget: reports what this connection buffers (outbound queue and partial
+    /// inbound frame) into the server's total, and if the total is over the budget while this
+    /// connection holds more than an even share of it, closes it with 1008 and frees its
+    /// buffers. Returns true when it closed the connection (the task must be polled again).
+    fn account_memory(&mut self) -> bool {
+        let Some(budget) = self.shared.config.memory_budget else {
+            return false;
+        };
+        let holding = self.report_memory();
+        if self.close_sent || self.shared.buffered.load(Ordering::Relaxed) <= budget {
+            return false;
+        }
+        let share = budget / self.shared.connections.load(Ordering::Relaxed).max(1);
+        if holding <= share {
+            return false;
+        }
+        tracing::warn!(
+            path = self.scope.path(),
+            client = ?self.scope.client(),
+            holding,
+            budget,
+            "server over its memory budget: closing one of the largest holders with 1008"
+        );
+        self.shared
+            .stats
+            .memory_closes
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(queue) = self.out.as_mut() {
+            // Keep only a frame that started going out; the close frame follows it.
+            let keep = usize::from(queue.written > 0);
+            queue.frames.truncate(keep);
+            queue.bytes = queue
+                .frames
+                .iter()
+                .map(|f| f.head.as_slice().len() + f.payload.len())
+                .sum();
+        }
+        self.decoder.abandon();
+        self.start_close(close_code::POLICY, "server memory budget exceeded");
+        self.set_closed();
+        self.report_memory();
+        true
+    }
+
+    /// Updates this connection's share of the server's buffered bytes; returns what it holds.
+    fn report_memory(&mut self) -> usize {
+        let holding = self.out.as_ref().map_or(0, |q| q.bytes) + self.decoder.buffered();
+        let now = u32::try_from(holding).unwrap_or(u32::MAX);
+        if now > self.reported {
+            self.shared
+                .buffered
+                .fetch_add((now - self.reported) as usize, Ordering::Relaxed);
+        } else if now < self.reported {
+            self.shared
+                .buffered
+                .fetch_sub((self.reported - now) as usize, Ordering::Relaxed);
+        }
+        self.reported = now;
+        holding
+    }
+
+    /// Takes this connection's bytes out of the server's total (it is ending).
+    fn release_memory(&mut self) {
+        if self.reported > 0 {
+            self.shared
+                .buffered
+                .fetch_sub(self.reported as usize, Ordering::Relaxed);
+            self.reported = 0;
+        }
+    }
+
     /// Counts one client message against `max_messages_per_second`; true when it is over
     /// (the connection is then closed with 1008). Windows are whole seconds of the coarse
     /// clock, so a burst straddling a boundary may pass up to twice the limit.
@@ -1026,6 +1100,14 @@ impl<S> OpenTask<S> {
     }
 }
 
+impl<S> Drop for OpenTask<S> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.release_memory();
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> {
     type Output = ();
 
@@ -1036,8 +1118,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
                 return Poll::Ready(());
             };
             if conn.poll_open(cx, io).is_pending() {
+                if conn.account_memory() {
+                    cx.waker().wake_by_ref();
+                }
                 return Poll::Pending;
             }
+            conn.release_memory();
             let (Some(conn), Some(mut io)) = (this.conn.take(), this.io.take()) else {
                 return Poll::Ready(());
             };
