@@ -84,8 +84,18 @@ fn serve_help_shows_the_hardening_options_as_off_by_default() {
         .args(["serve", "--help"])
         .output()
         .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
-    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    // One entry per option: its line and the indented description lines under it.
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut entries: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("--") || trimmed.starts_with("-h") {
+            entries.push(trimmed.to_owned());
+        } else if let Some(last) = entries.last_mut() {
+            last.push(' ');
+            last.push_str(trimmed);
+        }
+    }
     for flag in [
         "--max-connections-per-ip",
         "--max-messages-per-second",
@@ -97,15 +107,10 @@ fn serve_help_shows_the_hardening_options_as_off_by_default() {
         "--tls-key",
         "--memory-budget",
     ] {
-        let at = help
-            .find(flag)
-            .unwrap_or_else(|| panic!("{flag} missing: {help}"));
-        let rest = &help[at..];
-        let next_flag = rest[2..].find(" --").map_or(rest.len(), |i| i + 2);
-        assert!(
-            rest[..next_flag].contains("[default: off"),
-            "{flag}: {}",
-            &rest[..next_flag]
-        );
+        let entry = entries
+            .iter()
+            .find(|e| e.split_whitespace().next() == Some(flag))
+            .unwrap_or_else(|| panic!("{flag} missing:\n{text}"));
+        assert!(entry.contains("[default: off"), "{flag}: {entry}");
     }
 }
