@@ -101,3 +101,39 @@ async fn without_a_handler_timeout_a_slow_handler_finishes() {
     expect_silence(&mut c, 1500).await;
     assert_eq!(server.handle.stats().handler_timeouts, 0);
 }
+
+/// Blocks its worker thread for 300 ms on "block" (what a synchronous database call does).
+#[derive(Default)]
+struct Blocks;
+impl WebsocketConsumer for Blocks {
+    async fn receive(&mut self, cx: &mut Context, frame: Frame) -> canal::Result<()> {
+        if frame.text()? == "block" {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        cx.send_text(frame.text()?.to_owned()).await
+    }
+}
+
+#[tokio::test]
+async fn the_watchdog_reports_a_handler_that_blocks_its_thread() {
+    assert_eq!(
+        canal::ServerConfig::default().blocking_threshold,
+        Some(Duration::from_secs(1))
+    );
+    let mut config = quiet_config();
+    config.blocking_threshold = Some(Duration::from_millis(100));
+    let app = app().websocket(path("/ws/blocks/", ws(Blocks::default)));
+    let server = TestServer::start_with(app, config).await;
+    let mut c = connect(&server.url("/ws/blocks/")).await;
+    send_text(&mut c, "quick").await;
+    assert_eq!(next_text(&mut c).await, "quick");
+    assert_eq!(server.handle.stats().blocking_polls, 0);
+    send_text(&mut c, "block").await;
+    assert_eq!(next_text(&mut c).await, "block");
+    assert_eq!(server.handle.stats().blocking_polls, 1);
+    // An awaiting handler is not blocking, however long it takes.
+    let mut h = connect(&server.url("/ws/hang/")).await;
+    send_text(&mut h, "hang").await;
+    expect_silence(&mut h, 400).await;
+    assert_eq!(server.handle.stats().blocking_polls, 1);
+}

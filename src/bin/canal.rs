@@ -158,6 +158,10 @@ struct ServeArgs {
     /// past it the largest holders are closed with 1008 [default: off]
     #[arg(long, value_name = "BYTES")]
     memory_budget: Option<usize>,
+    /// Watchdog: milliseconds a consumer handler may hold a worker thread in one poll before
+    /// it is logged as blocking (0 turns the watchdog off)
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    blocking_threshold_ms: u64,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -588,6 +592,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.require_user = args.require_user;
     config.trusted_proxies = args.trusted_proxies.clone();
     config.memory_budget = args.memory_budget;
+    config.blocking_threshold =
+        (args.blocking_threshold_ms > 0).then(|| Duration::from_millis(args.blocking_threshold_ms));
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         match canal::server::tls::load(cert, key) {
             Ok(tls) => config.tls = Some(tls),

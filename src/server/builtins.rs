@@ -743,6 +743,12 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         s.bad_headers,
     );
     out.single(
+        "canal_blocking_polls_total",
+        "counter",
+        "Consumer handler polls that held a worker thread longer than the blocking threshold.",
+        s.blocking_polls,
+    );
+    out.single(
         "canal_memory_budget_closes_total",
         "counter",
         "WebSockets closed with 1008 because the server was over its memory budget.",

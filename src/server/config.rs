@@ -117,6 +117,10 @@ pub struct ServerConfig {
     /// next does something, and counted. `None` (the default): each connection is bounded on
     /// its own only (frame and message limits, outbound queue bounds).
     pub memory_budget: Option<usize>,
+    /// Watchdog: log (and count) a consumer handler that holds its worker thread longer than
+    /// this in one poll, without yielding (blocking I/O, a long computation). Default 1 s;
+    /// `None` turns the two clock reads per handler poll off.
+    pub blocking_threshold: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -150,6 +154,7 @@ impl Default for ServerConfig {
             tls: None,
             trusted_proxies: Vec::new(),
             memory_budget: None,
+            blocking_threshold: Some(Duration::from_secs(1)),
         }
     }
 }

@@ -166,6 +166,8 @@ pub struct ServerStats {
     pub tls_failures: u64,
     /// WebSockets closed with 1008 because the server was over its memory budget.
     pub memory_closes: u64,
+    /// Handler polls that held a worker thread longer than the blocking threshold.
+    pub blocking_polls: u64,
     /// Bytes buffered by WebSocket connections as they last reported (with a memory budget).
     pub buffered_bytes: u64,
     /// Connections refused with 503 for passing `max_connections_per_ip`.
@@ -334,6 +336,7 @@ pub(crate) struct Counters {
     pub(crate) handler_timeouts: AtomicU64,
     pub(crate) tls_failures: AtomicU64,
     pub(crate) memory_closes: AtomicU64,
+    pub(crate) blocking_polls: AtomicU64,
     pub(crate) rejected_per_ip: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) layer: std::sync::Arc<LayerMetrics>,
@@ -363,6 +366,7 @@ impl Counters {
             handler_timeouts: z(),
             tls_failures: z(),
             memory_closes: z(),
+            blocking_polls: z(),
             rejected_per_ip: z(),
             published: z(),
             layer: std::sync::Arc::new(LayerMetrics::new(declared_types)),
@@ -402,6 +406,7 @@ impl Counters {
             handler_timeouts: r(&self.handler_timeouts),
             tls_failures: r(&self.tls_failures),
             memory_closes: r(&self.memory_closes),
+            blocking_polls: r(&self.blocking_polls),
             buffered_bytes: 0,
             rejected_per_ip: r(&self.rejected_per_ip),
             layer_sent: self.layer.sent.snapshot(),

@@ -199,7 +199,27 @@ impl Conn {
         let Slot::Busy(fut) = &mut self.slot else {
             return None;
         };
+        let started = self
+            .shared
+            .config
+            .blocking_threshold
+            .map(|_| std::time::Instant::now());
         let result = AssertUnwindSafe(fut.as_mut()).catch_unwind().poll_unpin(cx);
+        if let (Some(started), Some(threshold)) = (started, self.shared.config.blocking_threshold) {
+            let held = started.elapsed();
+            if held > threshold {
+                self.shared
+                    .stats
+                    .blocking_polls
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    path = self.scope.path(),
+                    held_ms = held.as_millis() as u64,
+                    "a consumer handler held a worker thread without yielding; blocking code \
+                     belongs in tokio::task::spawn_blocking"
+                );
+            }
+        }
         match result {
             Poll::Pending => {
                 // Only a handler that yields can be cut off here: one that never returns from
