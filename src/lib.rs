@@ -62,6 +62,8 @@
 pub mod consumer;
 pub mod demo;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layer;
 pub mod message;
 pub mod routing;
@@ -73,7 +75,7 @@ pub mod worker;
 
 pub use consumer::{
     Context, Frame, Handle, HttpConsumer, JsonWebsocketConsumer, Layer, Rejection, Request,
-    Response, WebsocketConsumer, http, ws, ws_json,
+    Response, WebsocketConsumer, http, login_required, ws, ws_json,
 };
 pub use error::{Error, Result};
 pub use layer::{ChannelLayer, LayerConfig, LayerError, MemoryLayer, RedisConfig, RedisLayer};
@@ -85,8 +87,8 @@ pub use server::{App, Server, ServerConfig, ServerHandle};
 /// The names most programs need: `use canal::prelude::*;`.
 pub mod prelude {
     pub use crate::consumer::{
-        Context, Frame, JsonWebsocketConsumer, Request, Response, WebsocketConsumer, http, ws,
-        ws_json,
+        Context, Frame, JsonWebsocketConsumer, Request, Response, WebsocketConsumer, http,
+        login_required, ws, ws_json,
     };
     pub use crate::layer::{ChannelLayer, MemoryLayer};
     pub use crate::message::{Message, Value};

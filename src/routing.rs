@@ -171,6 +171,24 @@ pub struct Match<'a, E> {
 }
 
 impl<E> Router<E> {
+    /// The same routes with every endpoint (nested ones included) passed through `f`.
+    pub(crate) fn map_endpoints(self, f: impl Fn(E) -> E + Copy) -> Self {
+        Router {
+            routes: self
+                .routes
+                .into_iter()
+                .map(|r| Route {
+                    pattern: r.pattern,
+                    regex: r.regex,
+                    target: match r.target {
+                        Target::Endpoint(e) => Target::Endpoint(f(e)),
+                        Target::Nested(inner) => Target::Nested(inner.map_endpoints(f)),
+                    },
+                })
+                .collect(),
+        }
+    }
+
     /// An empty router.
     pub fn new() -> Self {
         Router::default()

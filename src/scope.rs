@@ -63,6 +63,8 @@ impl<'a> Iterator for PairsIter<'a> {
 #[derive(Clone)]
 pub struct Scope {
     kind: ScopeKind,
+    /// Whether the client reached us over TLS (ours, or a trusted proxy's).
+    secure: bool,
     /// Where the query starts in `text`.
     query_at: u32,
     /// Where the params start in `pairs` (the headers come before).
@@ -143,6 +145,7 @@ impl Scope {
             pairs: pairs.into_boxed_slice(),
             client,
             rare,
+            secure: false,
         }
     }
 
@@ -294,9 +297,25 @@ impl Scope {
             .ok_or_else(|| crate::Error::msg(format!("route has no parameter {name:?}")))
     }
 
-    /// The peer address, if known.
+    /// The client's address, if known: the peer, or, behind a trusted proxy, the address
+    /// it forwarded in `X-Forwarded-For` (with port 0).
     pub fn client(&self) -> Option<SocketAddr> {
         self.client
+    }
+
+    /// The URL scheme the client used: `ws`/`wss` for WebSockets, `http`/`https` otherwise
+    /// (`wss`/`https` over our TLS, or when a trusted proxy says `X-Forwarded-Proto: https`).
+    pub fn scheme(&self) -> &'static str {
+        match (self.kind == ScopeKind::WebSocket, self.secure) {
+            (true, false) => "ws",
+            (true, true) => "wss",
+            (false, false) => "http",
+            (false, true) => "https",
+        }
+    }
+
+    pub(crate) fn set_secure(&mut self, secure: bool) {
+        self.secure = secure;
     }
 
     /// The authenticated user, if any.

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the chat page and the demo endpoints (/ws/echo/, /ws/chat/{room}/, /health).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Consume named channels: log each message, print it as a JSON line, and answer on its
     /// `reply_to` channel if it names one (needs a shared layer such as Redis).
     Worker(WorkerArgs),
@@ -114,6 +114,54 @@ struct ServeArgs {
     /// Most connections at once (default: the open-file limit minus 64).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Most connections at once from one client IP address; more get 503 [default: off]
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+    /// Most messages per second a client may send on one WebSocket; past it the connection
+    /// is closed with 1008 [default: off]
+    #[arg(long, value_name = "N")]
+    max_messages_per_second: Option<u32>,
+    /// Kernel send buffer of each connection (SO_SNDBUF), in bytes: bounds what a client that
+    /// stops reading pins in the kernel, so the overflow policy applies sooner [default: off,
+    /// the kernel tunes it]
+    #[arg(long, value_name = "BYTES")]
+    socket_send_buffer: Option<usize>,
+    /// Seconds one consumer handler run may take before it is cancelled and its connection
+    /// closed with 1011 (only handlers that await can be cut off) [default: off]
+    #[arg(long, value_name = "SECONDS")]
+    handler_timeout: Option<f64>,
+    /// HS256 secret for WebSocket tokens (`token` query parameter, `token` cookie, or
+    /// `Sec-WebSocket-Protocol: bearer, <token>`); prefer the CANAL_JWT_SECRET environment
+    /// variable [default: off, tokens are not read]
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "CANAL_JWT_SECRET",
+        hide_env_values = true
+    )]
+    jwt_secret: Option<String>,
+    /// Require a valid token (an authenticated user) on every WebSocket route (403 otherwise)
+    /// [default: off]
+    #[arg(long)]
+    require_user: bool,
+    /// PEM certificate chain: serve HTTPS and wss:// (with --tls-key) [default: off]
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert [default: off]
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Proxy addresses whose X-Forwarded-For / X-Forwarded-Proto are believed,
+    /// comma-separated [default: none, the headers are ignored]
+    #[arg(long, value_name = "IPS", value_delimiter = ',')]
+    trusted_proxies: Vec<std::net::IpAddr>,
+    /// Bytes all WebSockets may buffer together (outbound queues, partial inbound frames);
+    /// past it the largest holders are closed with 1008 [default: off]
+    #[arg(long, value_name = "BYTES")]
+    memory_budget: Option<usize>,
+    /// Watchdog: milliseconds a consumer handler may hold a worker thread in one poll before
+    /// it is logged as blocking (0 turns the watchdog off)
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    blocking_threshold_ms: u64,
     /// Bytes queued towards one client before the overflow policy applies.
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
@@ -129,6 +177,12 @@ struct ServeArgs {
     /// Turn off the access log (one line per request / WebSocket connect / disconnect).
     #[arg(long)]
     no_access_log: bool,
+    /// Origins allowed to open WebSockets besides this server's own host, comma-separated:
+    /// `https://app.example.com`, `localhost:3000`, `.example.com` (and subdomains), `null`,
+    /// or `*` for all (warned about at startup). A handshake without Origin is always allowed
+    /// [default: none, only the server's own host]
+    #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     #[command(flatten)]
     deploy: Box<DeployArgs>,
 }
@@ -359,7 +413,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Worker(args) => runtime.block_on(worker(args)),
         Command::Send(args) => runtime.block_on(send(args)),
     }
@@ -524,12 +578,46 @@ async fn serve(args: ServeArgs) -> ExitCode {
     config.http_idle_timeout = Duration::from_secs(args.http_idle_timeout);
     config.max_body_size = args.max_body_size;
     config.max_connections = args.max_connections;
+    config.max_connections_per_ip = args.max_connections_per_ip;
+    config.max_messages_per_second = args.max_messages_per_second;
+    config.socket_send_buffer = args.socket_send_buffer;
+    config.jwt_secret = match args.jwt_secret.as_deref() {
+        Some("") => {
+            eprintln!("canal: the JWT secret is empty");
+            return ExitCode::from(2);
+        }
+        Some(secret) => Some(canal::server::auth::JwtSecret::new(secret)),
+        None => None,
+    };
+    config.require_user = args.require_user;
+    config.trusted_proxies = args.trusted_proxies.clone();
+    config.memory_budget = args.memory_budget;
+    config.blocking_threshold =
+        (args.blocking_threshold_ms > 0).then(|| Duration::from_millis(args.blocking_threshold_ms));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        match canal::server::tls::load(cert, key) {
+            Ok(tls) => config.tls = Some(tls),
+            Err(e) => {
+                eprintln!("canal: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    config.handler_timeout = match args.handler_timeout.map(Duration::try_from_secs_f64) {
+        None => None,
+        Some(Ok(d)) if !d.is_zero() => Some(d),
+        Some(_) => {
+            eprintln!("canal: --handler-timeout must be a positive number of seconds");
+            return ExitCode::from(2);
+        }
+    };
     config.max_outbound_bytes = args.max_outbound_bytes;
     config.max_outbound_messages = args.max_outbound_messages;
     config.overflow = args.overflow;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
     config.access_log = !args.no_access_log;
     config.root_path = args.deploy.root_path.clone();
+    config.allowed_origins = args.allowed_origins.clone();
     let root = match config.normalized_root_path() {
         Ok(root) => root,
         Err(e) => {
@@ -538,6 +626,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
 
+    let (http_scheme, ws_scheme) = if config.tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     let admin_token = args.deploy.admin_token();
     let mut server = match Server::new(demo::app())
         .with_config(config)
@@ -566,13 +659,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 .local_addr()
                 .map_or(args.bind.clone(), |a| a.to_string());
             println!(
-                "canal serving on http://{addr}{root}/ (chat page), ws://{addr}{root}/ws/echo/ and \
-                 ws://{addr}{root}/ws/chat/{{room}}/ — {layer_name}, up to {limit} connections; \
-                 Ctrl-C to stop"
+                "canal serving on {http_scheme}://{addr}{root}/ (chat page), \
+                 {ws_scheme}://{addr}{root}/ws/echo/ and {ws_scheme}://{addr}{root}/ws/chat/{{room}}/ \
+                 — {layer_name}, up to {limit} connections; Ctrl-C to stop"
             );
             if let Some(token) = &admin_token {
                 let admin = args.deploy.admin_path.trim_end_matches('/');
-                println!("canal dashboard on http://{addr}{root}{admin}/?token={token}");
+                println!("canal dashboard on {http_scheme}://{addr}{root}{admin}/?token={token}");
             }
             server.serve(listener, shutdown).await
         }

@@ -240,6 +240,28 @@ pub struct WebsocketEndpoint {
     /// Whether the connection's messages count in the server's message totals (the
     /// dashboard's own socket does not).
     pub(crate) metered: bool,
+    /// Whether a handshake needs an authenticated user ([`login_required`]).
+    pub(crate) requires_user: bool,
+}
+
+/// Requires an authenticated user on a WebSocket route (every route of a nested router
+/// included): a handshake without a valid token gets 403 before the upgrade.
+/// `path("/ws/private/", login_required(ws(Private::default)))`.
+pub fn login_required(
+    target: crate::routing::Target<WebsocketEndpoint>,
+) -> crate::routing::Target<WebsocketEndpoint> {
+    match target {
+        crate::routing::Target::Endpoint(mut e) => {
+            e.requires_user = true;
+            crate::routing::Target::Endpoint(e)
+        }
+        crate::routing::Target::Nested(router) => {
+            crate::routing::Target::Nested(router.map_endpoints(|mut e| {
+                e.requires_user = true;
+                e
+            }))
+        }
+    }
 }
 
 impl std::fmt::Debug for WebsocketEndpoint {
@@ -257,5 +279,6 @@ where
     crate::routing::Target::Endpoint(WebsocketEndpoint {
         factory: Arc::new(FnFactory(make)),
         metered: true,
+        requires_user: false,
     })
 }

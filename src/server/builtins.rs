@@ -737,6 +737,60 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         s.protocol_errors,
     );
     out.single(
+        "canal_bad_headers_total",
+        "counter",
+        "Requests refused with 400 or 431 for a bad or oversized header.",
+        s.bad_headers,
+    );
+    out.single(
+        "canal_blocking_polls_total",
+        "counter",
+        "Consumer handler polls that held a worker thread longer than the blocking threshold.",
+        s.blocking_polls,
+    );
+    out.single(
+        "canal_memory_budget_closes_total",
+        "counter",
+        "WebSockets closed with 1008 because the server was over its memory budget.",
+        s.memory_closes,
+    );
+    out.single(
+        "canal_buffered_bytes",
+        "gauge",
+        "Bytes WebSockets buffer (outbound queues, partial frames), counted with a memory budget.",
+        s.buffered_bytes,
+    );
+    out.single(
+        "canal_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed or did not finish within the header timeout.",
+        s.tls_failures,
+    );
+    out.single(
+        "canal_handler_timeouts_total",
+        "counter",
+        "Consumer handlers cancelled for running past the handler timeout.",
+        s.handler_timeouts,
+    );
+    out.single(
+        "canal_rate_limited_total",
+        "counter",
+        "WebSockets closed with 1008 for sending more messages per second than allowed.",
+        s.rate_limited,
+    );
+    out.single(
+        "canal_connections_refused_per_ip_total",
+        "counter",
+        "Connections refused with 503 for passing the per-address limit.",
+        s.rejected_per_ip,
+    );
+    out.single(
+        "canal_pongs_coalesced_total",
+        "counter",
+        "Pongs replaced by a newer one for a client that floods pings without reading.",
+        s.pongs_coalesced,
+    );
+    out.single(
         "canal_handler_errors_total",
         "counter",
         "Consumer handlers that failed or panicked.",

@@ -71,6 +71,56 @@ pub struct ServerConfig {
     /// `--root-path`): it is stripped from request paths before routing, a path outside it
     /// gets 404, and the bare prefix is redirected to the prefix with a slash. Empty: none.
     pub root_path: String,
+    /// Origins allowed to open WebSockets besides the server's own host (see
+    /// [`origin`](super::origin)). Empty (the default): a handshake without `Origin`, or with
+    /// an `Origin` matching its `Host`, is allowed, any other gets 403. Entries: `*` (all, with
+    /// a startup warning), `https://app.example.com`, `localhost:3000`, `.example.com`.
+    pub allowed_origins: Vec<String>,
+    /// Most connections at once from one client IP address (503 past it, before any request is
+    /// read). `None` (the default): no per-address limit, so load tools and proxies that
+    /// open many connections from one address are not throttled.
+    pub max_connections_per_ip: Option<usize>,
+    /// Most messages a client may send on one WebSocket per second (a window of one
+    /// second); past it the connection is closed with 1008. `None` (the default): no limit.
+    pub max_messages_per_second: Option<u32>,
+    /// The kernel send buffer of each accepted socket (`SO_SNDBUF`, set on the listener), in
+    /// bytes. It bounds the kernel memory a client that stops reading can pin (up to 4 MiB
+    /// each with Linux's autotuning), and makes the outbound queue bound, hence the overflow
+    /// policy, apply sooner. `None` (the default): the kernel tunes it.
+    pub socket_send_buffer: Option<usize>,
+    /// How long one handler run (`connect`, `receive`, an event) may take; past it the handler
+    /// is dropped and the connection closed with 1011. `None` (the default): no limit.
+    ///
+    /// Only a handler that yields (awaits) can be cut off. A future that never returns from a
+    /// poll (a busy loop, blocking I/O) holds its worker thread and cannot be preempted in
+    /// Rust; run blocking code with `tokio::task::spawn_blocking`.
+    pub handler_timeout: Option<Duration>,
+    /// The HS256 secret that WebSocket handshake tokens are checked with (see
+    /// [`auth`](super::auth)); give it from the environment or a config file, never from the
+    /// repository. `None` (the default): tokens are not read and no user is set.
+    pub jwt_secret: Option<super::auth::JwtSecret>,
+    /// Require an authenticated user on every WebSocket route (403 before the upgrade
+    /// without a valid token). Default `false`: only routes wrapped in
+    /// [`login_required`](crate::login_required), or consumers whose `check` asks for
+    /// [`Scope::user`](crate::Scope::user), require one.
+    pub require_user: bool,
+    /// Serve HTTPS and `wss://` with this rustls configuration (see
+    /// [`tls::load`](super::tls::load) for PEM files). `None` (the default): plain TCP.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed (exact
+    /// addresses). Empty (the default): those headers never change the scope's client or
+    /// scheme. Limits per client address still count the proxy's address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// A budget, in bytes, for what all WebSocket connections buffer together (outbound
+    /// queues and partial inbound frames, which are allocated at their announced length).
+    /// Past it, a connection that holds more than an even share is closed with 1008 when it
+    /// next does something, and counted. `None` (the default): each connection is bounded on
+    /// its own only (frame and message limits, outbound queue bounds).
+    pub memory_budget: Option<usize>,
+    /// Watchdog: log (and count) a consumer handler that holds its worker thread longer than
+    /// this in one poll, without yielding (blocking I/O, a long computation). Default 1 s;
+    /// `None` turns the two clock reads per handler poll off.
+    pub blocking_threshold: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +144,17 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             access_log: true,
             root_path: String::new(),
+            allowed_origins: Vec::new(),
+            max_connections_per_ip: None,
+            max_messages_per_second: None,
+            socket_send_buffer: None,
+            handler_timeout: None,
+            jwt_secret: None,
+            require_user: false,
+            tls: None,
+            trusted_proxies: Vec::new(),
+            memory_budget: None,
+            blocking_threshold: Some(Duration::from_secs(1)),
         }
     }
 }

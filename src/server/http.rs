@@ -28,7 +28,8 @@ use crate::scope::{Scope, ScopeKind};
 
 type Body = Full<Bytes>;
 
-/// Largest request head hyper buffers (request line + headers).
+/// Largest request head (request line + headers): hyper's read buffer, and the limit past
+/// which a request gets 431.
 const MAX_HEAD: usize = 64 * 1024;
 
 /// GUID from RFC 6455 §1.3 for the `Sec-WebSocket-Accept` digest.
@@ -50,7 +51,18 @@ pub(crate) async fn refuse_busy<I: AsyncWrite + Unpin>(mut stream: I) {
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(1),
         stream.write_all(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\n\r\nserver at connection limit",
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nconnection: close\r\n\r\nserver at connection limit",
+        ),
+    )
+    .await;
+}
+
+/// Answers 503 to a connection over the per-address limit, then closes it.
+pub(crate) async fn refuse_busy_ip<I: AsyncWrite + Unpin>(mut stream: I) {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        stream.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 38\r\nconnection: close\r\n\r\ntoo many connections from this address",
         ),
     )
     .await;
@@ -61,6 +73,33 @@ pub(crate) async fn refuse_busy<I: AsyncWrite + Unpin>(mut stream: I) {
 struct Activity {
     in_flight: AtomicUsize,
     last: AtomicU32,
+}
+
+/// Runs the TLS handshake (within the header timeout), then serves the connection.
+pub(crate) async fn serve_tls<I>(
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: I,
+    peer: Option<SocketAddr>,
+    guard: ConnGuard,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
+    tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(tls)) => serve_connection(shared, tls, peer, guard).await,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = fmt_peer(peer), error = %e, "TLS handshake failed");
+                shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                tracing::debug!(peer = fmt_peer(peer), "TLS handshake timed out");
+                shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        () = shared.shutdown.cancelled() => {}
+    }
 }
 
 /// Serves one connection with hyper until it closes, is idle too long, or the server stops.
@@ -161,12 +200,75 @@ fn redirect_to_root(root: &str, query: Option<&str>) -> hyper::Response<Body> {
     resp
 }
 
+/// Why a request's headers are refused before routing (400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum BadHeader {
+    /// A header name holds `_`. Behind a proxy or framework that maps `-` and `_` to the same
+    /// key (CGI/WSGI-style environments), it could spoof a trusted header (daphne's fix for
+    /// header smuggling).
+    #[error("header name {0:?} holds an underscore")]
+    Underscore(String),
+    /// A header name holds a byte outside the RFC 9110 token set.
+    #[error("header name holds a control or separator character")]
+    NameCharacter,
+    /// A header value holds a control character, or a byte that Python's `str.splitlines`
+    /// treats as a line break (`\x0b \x0c \x1c \x1d \x1e \x85`): a downstream consumer
+    /// that splits on them would see an injected header.
+    #[error("header {0:?} has a value with a control or line-break character")]
+    ValueCharacter(String),
+}
+
+/// Checks every header of a request (daphne's CVE fixes): names are RFC 9110 tokens without
+/// `_`, values hold no control characters and none of the bytes Python treats as line breaks.
+pub(crate) fn check_headers(headers: &hyper::HeaderMap) -> Result<(), BadHeader> {
+    for (name, value) in headers {
+        let n = name.as_str();
+        if n.contains('_') {
+            return Err(BadHeader::Underscore(n.to_owned()));
+        }
+        if !n.bytes().all(is_tchar) {
+            return Err(BadHeader::NameCharacter);
+        }
+        let bad = |b: u8| (b < 0x20 && b != b'\t') || b == 0x7f || b == 0x85;
+        if value.as_bytes().iter().any(|&b| bad(b)) {
+            return Err(BadHeader::ValueCharacter(n.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Routes one request: WebSocket upgrade or plain HTTP.
 async fn handle(
     shared: &Arc<Shared>,
     peer: Option<SocketAddr>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Body> {
+    let head_size = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head_size > MAX_HEAD {
+        shared.stats.bad_headers.fetch_add(1, Ordering::Relaxed);
+        let mut resp = plain(431, "request headers too large");
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    if let Err(e) = check_headers(req.headers()) {
+        tracing::debug!(peer = fmt_peer(peer), error = %e, "bad request headers");
+        shared.stats.bad_headers.fetch_add(1, Ordering::Relaxed);
+        let mut resp = plain(400, &e.to_string());
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let raw_path = req.uri().path().to_owned();
     let Ok(decoded) = percent_encoding::percent_decode_str(&raw_path).decode_utf8() else {
         return plain(400, "path is not valid UTF-8");
@@ -176,7 +278,13 @@ async fn handle(
         Rooted::Bare => return redirect_to_root(&shared.root_path, req.uri().query()),
         Rooted::Outside => return plain(404, "Not Found"),
     };
-    let peer_text = fmt_peer(peer);
+    let (client, secure) = super::proxy::resolve(
+        &shared.config.trusted_proxies,
+        peer,
+        req.headers(),
+        shared.config.tls.is_some(),
+    );
+    let peer_text = fmt_peer(client);
     let is_upgrade = req
         .headers()
         .get_all(header::UPGRADE)
@@ -186,27 +294,31 @@ async fn handle(
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
         });
+    let logged = shared
+        .config
+        .access_log
+        .then(|| super::auth::logged_target(&path, req.uri().query()));
     if is_upgrade {
-        let (resp, failure) = upgrade(shared, peer, &path, req).await;
+        let (resp, failure) = upgrade(shared, peer, (client, secure), &path, req).await;
         if let Some(reason) = failure {
             shared.stats.handshake_failed(reason);
-            if shared.config.access_log {
+            if let Some(logged) = logged {
                 let status = resp.status().as_u16();
-                tracing::info!(target: "canal::access", "{peer_text} - - \"WSREJECT {path}\" {status}");
+                tracing::info!(target: "canal::access", "{peer_text} - - \"WSREJECT {logged}\" {status}");
             }
         }
         return resp;
     }
     shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
     let method = req.method().clone();
-    let resp = plain_http(shared, peer, &path, req).await;
-    if shared.config.access_log {
+    let resp = plain_http(shared, (client, secure), &path, req).await;
+    if let Some(logged) = logged {
         let size = hyper::body::Body::size_hint(resp.body())
             .exact()
             .unwrap_or(0);
         tracing::info!(
             target: "canal::access",
-            "{peer_text} - - \"{method} {path}\" {} {size}",
+            "{peer_text} - - \"{method} {logged}\" {} {size}",
             resp.status().as_u16()
         );
     }
@@ -215,7 +327,7 @@ async fn handle(
 
 async fn plain_http(
     shared: &Arc<Shared>,
-    peer: Option<SocketAddr>,
+    (client, secure): (Option<SocketAddr>, bool),
     path: &str,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Body> {
@@ -238,8 +350,9 @@ async fn plain_http(
         path,
         req.uri().query().unwrap_or(""),
         req.headers(),
-        peer,
+        client,
     );
+    scope.set_secure(secure);
     scope.set_params(&found.params);
     scope.set_root_path(&shared.root_path);
     let body = match Limited::new(req.into_body(), shared.config.max_body_size)
@@ -322,6 +435,7 @@ pub(crate) fn accept_key(key: &[u8]) -> String {
 async fn upgrade(
     shared: &Arc<Shared>,
     peer: Option<SocketAddr>,
+    (client, secure): (Option<SocketAddr>, bool),
     path: &str,
     mut req: hyper::Request<Incoming>,
 ) -> (hyper::Response<Body>, Option<HandshakeFailure>) {
@@ -357,6 +471,13 @@ async fn upgrade(
         }
         _ => return bad("missing or invalid Sec-WebSocket-Key"),
     };
+    if let Err(e) = shared.origins.check(
+        req.headers().get(header::ORIGIN),
+        req.headers().get(header::HOST),
+    ) {
+        tracing::debug!(peer = fmt_peer(peer), path, error = %e, "WebSocket origin refused");
+        return (plain(403, &e.to_string()), Some(HandshakeFailure::Origin));
+    }
     let (endpoint, params) = match shared.app.websocket.resolve(path) {
         Some(found) => (found.endpoint.clone(), found.params),
         None if shared.builtins.get(path) == Some(super::builtins::Builtin::AdminSocket) => {
@@ -400,10 +521,22 @@ async fn upgrade(
         path,
         req.uri().query().unwrap_or(""),
         req.headers(),
-        peer,
+        client,
     );
+    scope.set_secure(secure);
     scope.set_params(&params);
     scope.set_root_path(&shared.root_path);
+    let token_source = match authenticate(shared, &req, endpoint.requires_user) {
+        Ok(Some((user, source))) => {
+            scope.set_user(Some(user));
+            Some(source)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(peer = fmt_peer(peer), path, error = %e, "WebSocket authentication failed");
+            return (plain(403, &e.to_string()), Some(HandshakeFailure::Auth));
+        }
+    };
     if let Err(rejection) = endpoint.factory.check(&scope) {
         return (
             plain(rejection.status, &rejection.message),
@@ -414,7 +547,7 @@ async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
     let (tx, rx) = oneshot::channel();
-    let guard = ConnGuard::new(shared);
+    let guard = ConnGuard::new(shared, peer);
     shared.tracker.spawn(websocket_task(
         shared.clone(),
         endpoint,
@@ -440,6 +573,12 @@ async fn upgrade(
             if let Ok(v) = HeaderValue::from_str(&accept_key(&key)) {
                 h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
             }
+            // A token sent as `bearer, <token>` needs `bearer` selected, or browsers fail the
+            // handshake.
+            let subprotocol = subprotocol.or_else(|| {
+                (token_source == Some(super::auth::TokenSource::Protocol))
+                    .then(|| "bearer".to_owned())
+            });
             if let Some(p) = subprotocol {
                 if offered.contains(&p)
                     && let Ok(v) = HeaderValue::from_str(&p)
@@ -465,6 +604,33 @@ async fn upgrade(
             }
             (resp, None)
         }
+    }
+}
+
+/// Checks the handshake's token, if the server has a secret: `Ok(Some(user))` for a valid
+/// one, `Ok(None)` without one where no user is required, and the reason otherwise.
+fn authenticate(
+    shared: &Shared,
+    req: &hyper::Request<Incoming>,
+    route_requires_user: bool,
+) -> Result<Option<(String, super::auth::TokenSource)>, super::auth::AuthError> {
+    let required = route_requires_user || shared.config.require_user;
+    let Some(secret) = &shared.config.jwt_secret else {
+        return if required {
+            Err(super::auth::AuthError::Missing)
+        } else {
+            Ok(None)
+        };
+    };
+    match super::auth::find_token(req.headers(), req.uri().query()) {
+        Some((token, source)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            super::auth::verify_hs256(&token, secret, now).map(|user| Some((user, source)))
+        }
+        None if required => Err(super::auth::AuthError::Missing),
+        None => Ok(None),
     }
 }
 

@@ -20,6 +20,16 @@ pub trait Listener: Send + 'static {
 
     /// Where the listener listens, for logs (`127.0.0.1:8000`, `unix:/run/canal.sock`).
     fn describe(&self) -> String;
+
+    /// Sets the kernel send buffer (`SO_SNDBUF`) of the listening socket, which accepted
+    /// connections inherit. Listeners without a socket answer `Unsupported`.
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        let _ = bytes;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this listener has no socket buffer to set",
+        ))
+    }
 }
 
 impl Listener for tokio::net::TcpListener {
@@ -29,6 +39,10 @@ impl Listener for tokio::net::TcpListener {
         let (stream, peer) = tokio::net::TcpListener::accept(self).await?;
         let _ = stream.set_nodelay(true);
         Ok((stream, Some(peer)))
+    }
+
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        rustix::net::sockopt::set_socket_send_buffer_size(self, bytes).map_err(io::Error::from)
     }
 
     fn describe(&self) -> String {
@@ -43,6 +57,10 @@ impl Listener for tokio::net::UnixListener {
     async fn accept(&mut self) -> io::Result<(Self::Io, Option<SocketAddr>)> {
         let (stream, _peer) = tokio::net::UnixListener::accept(self).await?;
         Ok((stream, None))
+    }
+
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        rustix::net::sockopt::set_socket_send_buffer_size(self, bytes).map_err(io::Error::from)
     }
 
     fn describe(&self) -> String {

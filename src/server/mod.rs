@@ -6,15 +6,21 @@
 //! ([`ws::conn`]) and hyper lets go of it.
 
 mod admin;
+pub mod auth;
 mod builtins;
 pub mod config;
 mod http;
 mod instrument;
 pub mod listener;
+pub mod origin;
+mod proxy;
 mod stats;
+pub mod tls;
 pub(crate) mod ws;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,6 +29,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builtins::Builtins;
+pub(crate) use http::{accept_key as http_accept_key, check_headers as http_check_headers};
+
+/// The proxy-header resolution, for the property harness.
+pub(crate) fn proxy_resolve(
+    trusted: &[std::net::IpAddr],
+    peer: Option<SocketAddr>,
+    headers: &hyper::HeaderMap,
+) -> (Option<SocketAddr>, bool) {
+    proxy::resolve(trusted, peer, headers, false)
+}
 pub use config::{OverflowPolicy, ServerConfig};
 pub use listener::{AdoptError, Inherited, Listener, adopt_fd};
 pub use stats::{
@@ -139,29 +155,76 @@ pub(crate) struct Shared {
     pub(crate) admin: Option<admin::Admin>,
     /// `--root-path`, normalized (empty, or `/x` without a trailing slash).
     pub(crate) root_path: String,
+    /// The compiled `allowed_origins`.
+    pub(crate) origins: origin::OriginPolicy,
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
     pub(crate) connections: AtomicUsize,
+    /// Bytes buffered by WebSocket connections, as they last reported (with a memory budget).
+    pub(crate) buffered: AtomicUsize,
+    /// Open connections per client address (only kept with `max_connections_per_ip`).
+    pub(crate) per_ip: parking_lot::Mutex<HashMap<IpAddr, usize>>,
     pub(crate) limit: usize,
 }
 
-/// Counts a live connection; dropping it frees the slot.
+/// Counts a live connection (and, with a per-address limit, its client address); dropping it
+/// frees the slot.
 pub(crate) struct ConnGuard {
     shared: Arc<Shared>,
+    /// The client address counted in `per_ip` (boxed: `None` unless the limit is on).
+    ip: Option<Box<IpAddr>>,
 }
 
 impl ConnGuard {
-    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+    /// Counts a connection from `peer` without checking any limit (it was admitted already).
+    pub(crate) fn new(shared: &Arc<Shared>, peer: Option<SocketAddr>) -> Self {
         shared.connections.fetch_add(1, Ordering::Relaxed);
+        let ip = match (shared.config.max_connections_per_ip, peer) {
+            (Some(_), Some(peer)) => {
+                *shared.per_ip.lock().entry(peer.ip()).or_insert(0) += 1;
+                Some(Box::new(peer.ip()))
+            }
+            _ => None,
+        };
         ConnGuard {
             shared: shared.clone(),
+            ip,
         }
+    }
+
+    /// Counts a new connection from `peer`, or `None` when its address is at the per-address
+    /// limit.
+    fn admit(shared: &Arc<Shared>, peer: Option<SocketAddr>) -> Option<Self> {
+        if let (Some(limit), Some(peer)) = (shared.config.max_connections_per_ip, peer) {
+            let mut map = shared.per_ip.lock();
+            let count = map.entry(peer.ip()).or_insert(0);
+            if *count >= limit {
+                return None;
+            }
+            *count += 1;
+            drop(map);
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            return Some(ConnGuard {
+                shared: shared.clone(),
+                ip: Some(Box::new(peer.ip())),
+            });
+        }
+        Some(ConnGuard::new(shared, peer))
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip.take() {
+            let mut map = self.shared.per_ip.lock();
+            if let Some(count) = map.get_mut(&*ip) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    map.remove(&*ip);
+                }
+            }
+        }
     }
 }
 
@@ -204,9 +267,12 @@ impl std::fmt::Debug for ServerHandle {
 impl ServerHandle {
     /// Counters of the server.
     pub fn stats(&self) -> ServerStats {
-        self.shared
+        let mut stats = self
+            .shared
             .stats
-            .snapshot(self.shared.connections.load(Ordering::Relaxed))
+            .snapshot(self.shared.connections.load(Ordering::Relaxed));
+        stats.buffered_bytes = self.shared.buffered.load(Ordering::Relaxed) as u64;
+        stats
     }
 
     /// The channel layer the server runs with.
@@ -303,9 +369,13 @@ impl Server {
                 .config
                 .normalized_root_path()
                 .unwrap_or_else(|_| self.config.root_path.clone()),
+            // An invalid list fails `serve`; until then, allow only the server's own host.
+            origins: origin::OriginPolicy::new(&self.config.allowed_origins).unwrap_or_default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             connections: AtomicUsize::new(0),
+            buffered: AtomicUsize::new(0),
+            per_ip: parking_lot::Mutex::new(HashMap::new()),
             limit,
         });
         self.stats = Some(shared.clone());
@@ -324,6 +394,19 @@ impl Server {
         self.config
             .normalized_root_path()
             .map_err(ServerError::Config)?;
+        let origins =
+            origin::OriginPolicy::new(&self.config.allowed_origins).map_err(ServerError::Config)?;
+        if origins.allows_all() {
+            tracing::warn!(
+                "allowed origins include \"*\": any web page can open WebSockets to this \
+                 server with its visitors' cookies"
+            );
+        }
+        if let Some(bytes) = self.config.socket_send_buffer {
+            listener.set_send_buffer(bytes).map_err(|e| {
+                ServerError::Config(format!("cannot set the socket send buffer: {e}"))
+            })?;
+        }
         let shared = self.shared();
         tracing::debug!(local = listener.describe(), limit = shared.limit, "serving");
         let sweeper = tokio::spawn(sweeper(shared.clone()));
@@ -346,8 +429,20 @@ impl Server {
                             shared.tracker.spawn(http::refuse_busy(stream));
                             continue;
                         }
-                        let guard = ConnGuard::new(&shared);
-                        shared.tracker.spawn(http::serve_connection(shared2, stream, peer, guard));
+                        let Some(guard) = ConnGuard::admit(&shared, peer) else {
+                            shared.stats.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
+                            shared.tracker.spawn(http::refuse_busy_ip(stream));
+                            continue;
+                        };
+                        match &shared.config.tls {
+                            Some(tls) => {
+                                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                                shared.tracker.spawn(http::serve_tls(shared2, acceptor, stream, peer, guard));
+                            }
+                            None => {
+                                shared.tracker.spawn(http::serve_connection(shared2, stream, peer, guard));
+                            }
+                        }
                     }
                     Err(e) => {
                         if is_resource_exhaustion(&e) {

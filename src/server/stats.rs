@@ -29,11 +29,15 @@ pub enum HandshakeFailure {
     Error,
     /// The server was shutting down: 503.
     ShuttingDown,
+    /// The `Origin` is not this server's host nor an allowed origin: 403.
+    Origin,
+    /// A missing (where a user is required), malformed, wrongly signed or expired token: 403.
+    Auth,
 }
 
 impl HandshakeFailure {
     /// Every reason, in a stable order.
-    pub const ALL: [HandshakeFailure; 8] = [
+    pub const ALL: [HandshakeFailure; 10] = [
         HandshakeFailure::BadRequest,
         HandshakeFailure::BadVersion,
         HandshakeFailure::NotFound,
@@ -42,6 +46,8 @@ impl HandshakeFailure {
         HandshakeFailure::Timeout,
         HandshakeFailure::Error,
         HandshakeFailure::ShuttingDown,
+        HandshakeFailure::Origin,
+        HandshakeFailure::Auth,
     ];
 
     /// A short label for logs and metrics.
@@ -55,6 +61,8 @@ impl HandshakeFailure {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Error => "error",
             HandshakeFailure::ShuttingDown => "shutting_down",
+            HandshakeFailure::Origin => "origin",
+            HandshakeFailure::Auth => "auth",
         }
     }
 
@@ -146,6 +154,24 @@ pub struct ServerStats {
     pub handler_errors: u64,
     /// Clients dropped for not answering pings.
     pub ping_timeouts: u64,
+    /// Pongs not sent because a newer ping from a client that does not read replaced them.
+    pub pongs_coalesced: u64,
+    /// Requests refused with 400 for a bad header name or value.
+    pub bad_headers: u64,
+    /// Connections closed with 1008 for passing `max_messages_per_second`.
+    pub rate_limited: u64,
+    /// Handlers cancelled for running past `handler_timeout` (their connection gets 1011).
+    pub handler_timeouts: u64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_failures: u64,
+    /// WebSockets closed with 1008 because the server was over its memory budget.
+    pub memory_closes: u64,
+    /// Handler polls that held a worker thread longer than the blocking threshold.
+    pub blocking_polls: u64,
+    /// Bytes buffered by WebSocket connections as they last reported (with a memory budget).
+    pub buffered_bytes: u64,
+    /// Connections refused with 503 for passing `max_connections_per_ip`.
+    pub rejected_per_ip: u64,
     /// Messages this server put into the layer (`send` and `group_send`), by type label.
     pub layer_sent: Vec<(String, u64)>,
     /// Layer messages delivered to this server's connections, by type label.
@@ -304,6 +330,14 @@ pub(crate) struct Counters {
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
     pub(crate) ping_timeouts: AtomicU64,
+    pub(crate) pongs_coalesced: AtomicU64,
+    pub(crate) bad_headers: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) handler_timeouts: AtomicU64,
+    pub(crate) tls_failures: AtomicU64,
+    pub(crate) memory_closes: AtomicU64,
+    pub(crate) blocking_polls: AtomicU64,
+    pub(crate) rejected_per_ip: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) layer: std::sync::Arc<LayerMetrics>,
 }
@@ -326,6 +360,14 @@ impl Counters {
             protocol_errors: z(),
             handler_errors: z(),
             ping_timeouts: z(),
+            pongs_coalesced: z(),
+            bad_headers: z(),
+            rate_limited: z(),
+            handler_timeouts: z(),
+            tls_failures: z(),
+            memory_closes: z(),
+            blocking_polls: z(),
+            rejected_per_ip: z(),
             published: z(),
             layer: std::sync::Arc::new(LayerMetrics::new(declared_types)),
         }
@@ -358,6 +400,15 @@ impl Counters {
             protocol_errors: r(&self.protocol_errors),
             handler_errors: r(&self.handler_errors),
             ping_timeouts: r(&self.ping_timeouts),
+            pongs_coalesced: r(&self.pongs_coalesced),
+            bad_headers: r(&self.bad_headers),
+            rate_limited: r(&self.rate_limited),
+            handler_timeouts: r(&self.handler_timeouts),
+            tls_failures: r(&self.tls_failures),
+            memory_closes: r(&self.memory_closes),
+            blocking_polls: r(&self.blocking_polls),
+            buffered_bytes: 0,
+            rejected_per_ip: r(&self.rejected_per_ip),
             layer_sent: self.layer.sent.snapshot(),
             layer_received: self.layer.received.snapshot(),
             layer_errors: LayerOp::ALL

@@ -434,6 +434,12 @@ impl Decoder {
         self.partial.as_deref().map_or(0, Partial::buffered)
     }
 
+    /// Stops decoding for good and frees any partial frame or message (the connection is
+    /// being closed for a reason of its own).
+    pub(crate) fn abandon(&mut self) {
+        self.finish();
+    }
+
     /// Enters the terminal state and frees any partial state.
     fn finish(&mut self) {
         self.finished = true;

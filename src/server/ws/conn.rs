@@ -105,6 +105,14 @@ pub(crate) struct Conn {
     close_code: u16,
     ping_outstanding: bool,
     ping_sent: u32,
+    /// When the running handler is cut off (`handler_timeout`); the timer is reused.
+    handler_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes this connection last reported into the server's memory budget.
+    reported: u32,
+    /// Start (coarse seconds) of the current one-second window of the message rate limit.
+    rate_window: u32,
+    /// Client messages received in that window.
+    rate_count: u32,
     /// A close frame that must follow the current `websocket.send` (Channels 1 `close` key).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Accept headers and subprotocol wait here until the handshake answer is sent (boxed: it
@@ -119,6 +127,8 @@ enum HandlerOutcome {
     Ok,
     Failed(String),
     Panicked,
+    /// The handler ran past `handler_timeout` and was dropped (with the consumer).
+    TimedOut,
 }
 
 impl Conn {
@@ -147,6 +157,10 @@ impl Conn {
             close_code: close_code::ABNORMAL,
             ping_outstanding: false,
             ping_sent: 0,
+            rate_window: 0,
+            rate_count: 0,
+            reported: 0,
+            handler_deadline: None,
             deadline: None,
             decision: None,
             metered,
@@ -166,6 +180,15 @@ impl Conn {
                 let layer = self.shared.layer.clone();
                 let fut = crate::seed::with_layer(layer, consumer.handle(event));
                 self.slot = Slot::Busy(Box::pin(fut));
+                if let Some(limit) = self.shared.config.handler_timeout {
+                    let at = tokio::time::Instant::now() + limit;
+                    match self.handler_deadline.as_mut() {
+                        Some(sleep) => sleep.as_mut().reset(at),
+                        None => {
+                            self.handler_deadline = Some(Box::pin(tokio::time::sleep_until(at)))
+                        }
+                    }
+                }
             }
             other => self.slot = other,
         }
@@ -176,9 +199,39 @@ impl Conn {
         let Slot::Busy(fut) = &mut self.slot else {
             return None;
         };
+        let started = self
+            .shared
+            .config
+            .blocking_threshold
+            .map(|_| std::time::Instant::now());
         let result = AssertUnwindSafe(fut.as_mut()).catch_unwind().poll_unpin(cx);
+        if let (Some(started), Some(threshold)) = (started, self.shared.config.blocking_threshold) {
+            let held = started.elapsed();
+            if held > threshold {
+                self.shared
+                    .stats
+                    .blocking_polls
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    path = self.scope.path(),
+                    held_ms = held.as_millis() as u64,
+                    "a consumer handler held a worker thread without yielding; blocking code \
+                     belongs in tokio::task::spawn_blocking"
+                );
+            }
+        }
         match result {
-            Poll::Pending => None,
+            Poll::Pending => {
+                // Only a handler that yields can be cut off here: one that never returns from
+                // a poll holds its worker thread, and nothing in Rust can preempt it.
+                if let Some(deadline) = self.handler_deadline.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    self.slot = Slot::Gone;
+                    return Some(HandlerOutcome::TimedOut);
+                }
+                None
+            }
             Poll::Ready(Ok((consumer, result))) => {
                 self.slot = Slot::Idle(consumer);
                 Some(match result {
@@ -208,6 +261,17 @@ impl Conn {
                 self.shared
                     .stats
                     .handler_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            HandlerOutcome::TimedOut => {
+                tracing::error!(
+                    path = self.scope.path(),
+                    timeout = ?self.shared.config.handler_timeout,
+                    "handler ran past the handler timeout; cancelled"
+                );
+                self.shared
+                    .stats
+                    .handler_timeouts
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -415,6 +479,31 @@ impl Conn {
         let cfg = &self.shared.config;
         let queue = self.out.get_or_insert_with(Box::default);
         let len = payload.len();
+        // A client that floods pings without reading would grow the queue without bound with
+        // pongs. Past the bounds, answer only the most recent ping (RFC 6455 §5.5.3 allows
+        // it): the newest unsent pong takes the new payload.
+        if opcode == OpCode::Pong
+            && (queue.bytes + len > cfg.max_outbound_bytes
+                || queue.frames.len() >= cfg.max_outbound_messages)
+        {
+            let start = usize::from(queue.written > 0);
+            if let Some(pong) = queue
+                .frames
+                .iter_mut()
+                .skip(start)
+                .rev()
+                .find(|f| f.head.as_slice().first() == Some(&(0x80 | OpCode::Pong.as_u8())))
+            {
+                queue.bytes = queue.bytes + len - pong.payload.len();
+                pong.head = FrameHead::new(OpCode::Pong, len);
+                pong.payload = payload;
+                self.shared
+                    .stats
+                    .pongs_coalesced
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         // One message always fits an empty queue, whatever its size (it is bounded by the
         // message size limit already); the bounds are about messages piling up.
         if !control
@@ -576,7 +665,113 @@ impl Conn {
 
     // ---------------------------------------------------------------- reading
 
+    /// With a memory budget: reports what this connection buffers (outbound queue and partial
+    /// inbound frame) into the server's total, and if the total is over the budget while this
+    /// connection holds more than an even share of it, closes it with 1008 and frees its
+    /// buffers. Returns true when it closed the connection (the task must be polled again).
+    fn account_memory(&mut self) -> bool {
+        let Some(budget) = self.shared.config.memory_budget else {
+            return false;
+        };
+        let holding = self.report_memory();
+        if self.close_sent || self.shared.buffered.load(Ordering::Relaxed) <= budget {
+            return false;
+        }
+        let share = budget / self.shared.connections.load(Ordering::Relaxed).max(1);
+        if holding <= share {
+            return false;
+        }
+        tracing::warn!(
+            path = self.scope.path(),
+            client = ?self.scope.client(),
+            holding,
+            budget,
+            "server over its memory budget: closing one of the largest holders with 1008"
+        );
+        self.shared
+            .stats
+            .memory_closes
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(queue) = self.out.as_mut() {
+            // Keep only a frame that started going out; the close frame follows it.
+            let keep = usize::from(queue.written > 0);
+            queue.frames.truncate(keep);
+            queue.bytes = queue
+                .frames
+                .iter()
+                .map(|f| f.head.as_slice().len() + f.payload.len())
+                .sum();
+        }
+        self.decoder.abandon();
+        self.start_close(close_code::POLICY, "server memory budget exceeded");
+        self.set_closed();
+        self.report_memory();
+        true
+    }
+
+    /// Updates this connection's share of the server's buffered bytes; returns what it holds.
+    fn report_memory(&mut self) -> usize {
+        let holding = self.out.as_ref().map_or(0, |q| q.bytes) + self.decoder.buffered();
+        let now = u32::try_from(holding).unwrap_or(u32::MAX);
+        if now > self.reported {
+            self.shared
+                .buffered
+                .fetch_add((now - self.reported) as usize, Ordering::Relaxed);
+        } else if now < self.reported {
+            self.shared
+                .buffered
+                .fetch_sub((self.reported - now) as usize, Ordering::Relaxed);
+        }
+        self.reported = now;
+        holding
+    }
+
+    /// Takes this connection's bytes out of the server's total (it is ending).
+    fn release_memory(&mut self) {
+        if self.reported > 0 {
+            self.shared
+                .buffered
+                .fetch_sub(self.reported as usize, Ordering::Relaxed);
+            self.reported = 0;
+        }
+    }
+
+    /// Counts one client message against `max_messages_per_second`; true when it is over
+    /// (the connection is then closed with 1008). Windows are whole seconds of the coarse
+    /// clock, so a burst straddling a boundary may pass up to twice the limit.
+    fn over_rate(&mut self) -> bool {
+        let Some(limit) = self.shared.config.max_messages_per_second else {
+            return false;
+        };
+        let now = coarse_secs();
+        if now != self.rate_window {
+            self.rate_window = now;
+            self.rate_count = 0;
+        }
+        self.rate_count = self.rate_count.saturating_add(1);
+        if self.rate_count <= limit {
+            return false;
+        }
+        if !self.close_sent {
+            tracing::warn!(
+                path = self.scope.path(),
+                client = ?self.scope.client(),
+                limit,
+                "client over the message rate limit, closing with 1008"
+            );
+            self.shared
+                .stats
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            self.start_close(close_code::POLICY, "message rate limit exceeded");
+        }
+        true
+    }
+
     fn on_incoming(&mut self, event: Incoming) {
+        if matches!(event, Incoming::Text(_) | Incoming::Binary(_)) && self.over_rate() {
+            return;
+        }
         match event {
             Incoming::Text(text) => {
                 if self.metered {
@@ -839,7 +1034,10 @@ impl Conn {
                 target: "canal::access",
                 "{} - - \"WSDISCONNECT {}\" {}",
                 fmt_peer(self.scope.client()),
-                self.scope.path(),
+                crate::server::auth::logged_target(
+                    self.scope.path(),
+                    Some(self.scope.query_string())
+                ),
                 self.close_code
             );
         }
@@ -918,6 +1116,14 @@ impl<S> OpenTask<S> {
     }
 }
 
+impl<S> Drop for OpenTask<S> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.release_memory();
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> {
     type Output = ();
 
@@ -928,8 +1134,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
                 return Poll::Ready(());
             };
             if conn.poll_open(cx, io).is_pending() {
+                if conn.account_memory() {
+                    cx.waker().wake_by_ref();
+                }
                 return Poll::Pending;
             }
+            conn.release_memory();
             let (Some(conn), Some(mut io)) = (this.conn.take(), this.io.take()) else {
                 return Poll::Ready(());
             };

@@ -80,7 +80,7 @@ async fn open(
     }
     let peer = fmt_peer(scope.client());
     if shared.config.access_log {
-        tracing::debug!(target: "canal::access", "{peer} - - \"WSCONNECTING {}\" -", scope.path());
+        tracing::debug!(target: "canal::access", "{peer} - - \"WSCONNECTING {}\" -", crate::server::auth::logged_target(scope.path(), Some(scope.query_string())));
     }
     let decision = conn.handshake().await;
     let accepted = matches!(decision, Decision::Accept { .. });
@@ -101,7 +101,7 @@ async fn open(
         .websocket_accepted
         .fetch_add(1, Ordering::Relaxed);
     if shared.config.access_log {
-        tracing::info!(target: "canal::access", "{peer} - - \"WSCONNECT {}\" -", scope.path());
+        tracing::info!(target: "canal::access", "{peer} - - \"WSCONNECT {}\" -", crate::server::auth::logged_target(scope.path(), Some(scope.query_string())));
     }
     if shared.shutdown.is_cancelled() {
         // Shutdown raced the handshake: the loop sends 1001 and ends.
