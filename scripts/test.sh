@@ -5,7 +5,8 @@
 #      per test, real Python channels_redis, doc tests, example builds);
 #   3. the chat page end to end in headless Chromium (scripts/browser-test.sh; playwright-core
 #      is installed with npm ci into tests/browser/node_modules);
-#   4. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
+#   4. a smoke run of the benchmark (canal only, a few seconds), so the suite keeps working;
+#   5. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
 #
 # Needs cargo, python3 with venv, redis-server, node 18+ with npm, and chromium. Outside CI a
 # missing outside part is reported loudly and its tests skip; under CI=true they fail instead.
@@ -45,6 +46,9 @@ cargo test --doc
 
 echo "== browser tests (headless Chromium)"
 bash scripts/browser-test.sh
+
+echo "== benchmark smoke run (canal only, seconds; the full comparison is scripts/bench.sh)"
+bash scripts/bench.sh --quick --servers canal --scenarios echo,fanout --rounds 1
 
 echo "== Autobahn|Testsuite cases 1-10"
 if python3 -c 'import venv, ensurepip' 2>/dev/null; then
