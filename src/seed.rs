@@ -126,6 +126,12 @@ impl ReplyChannel {
     pub async fn send(&self, message: crate::Message) -> Result<()> {
         Ok(self.layer.send(&self.name, message).await?)
     }
+
+    /// [`send`](Self::send) for synchronous handlers ([`route_sync`]); panics if called on an
+    /// async worker thread, as Tokio's `block_on` does.
+    pub fn send_blocking(&self, message: crate::Message) -> Result<()> {
+        block_on(self.send(message))?
+    }
 }
 
 /// A named channel (Channels 1 `Channel("name")`).
@@ -154,6 +160,11 @@ impl Channel {
     pub async fn send(&self, message: crate::Message) -> Result<()> {
         let layer = self.layer.as_ref().ok_or_else(no_layer)?;
         Ok(layer.send(&self.name, message).await?)
+    }
+
+    /// [`send`](Self::send) for synchronous handlers ([`route_sync`]).
+    pub fn send_blocking(&self, message: crate::Message) -> Result<()> {
+        block_on(self.send(message))?
     }
 }
 
@@ -211,6 +222,21 @@ impl Group {
     pub async fn send(&self, message: crate::Message) -> Result<()> {
         Ok(self.layer()?.group_send(&self.name, message).await?)
     }
+
+    /// [`add`](Self::add) for synchronous handlers ([`route_sync`]).
+    pub fn add_blocking(&self, channel: impl AsRef<str>) -> Result<()> {
+        block_on(self.add(channel))?
+    }
+
+    /// [`discard`](Self::discard) for synchronous handlers ([`route_sync`]).
+    pub fn discard_blocking(&self, channel: impl AsRef<str>) -> Result<()> {
+        block_on(self.discard(channel))?
+    }
+
+    /// [`send`](Self::send) for synchronous handlers ([`route_sync`]).
+    pub fn send_blocking(&self, message: crate::Message) -> Result<()> {
+        block_on(self.send(message))?
+    }
 }
 
 type HandlerFn =
@@ -240,6 +266,46 @@ where
         channel: channel.to_owned(),
         handler: Arc::new(move |m| Box::pin(handler(m))),
     }
+}
+
+/// Routes the event `channel` to a *synchronous* handler: plain blocking code, such as a
+/// database driver call, as Channels' `SyncConsumer` allows.
+///
+/// The handler runs on Tokio's blocking pool, never on an async worker, so while it blocks every
+/// other connection keeps being served. Inside it, use the `*_blocking` methods of
+/// [`ReplyChannel`], [`Group`] and [`Channel`] (they wait for the layer on the blocking thread);
+/// `Group::new` finds the consumer's layer there too. A panic in the handler closes the
+/// connection with 1011 like any other consumer failure.
+pub fn route_sync<H>(channel: &str, handler: H) -> SeedRoute
+where
+    H: Fn(Message) -> Result<()> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    SeedRoute {
+        channel: channel.to_owned(),
+        handler: Arc::new(move |message| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let layer = current_layer();
+                let run = move || match layer {
+                    Some(layer) => LAYER.sync_scope(layer, || handler(message)),
+                    None => handler(message),
+                };
+                match tokio::task::spawn_blocking(run).await {
+                    Ok(result) => result,
+                    Err(e) if e.is_panic() => Err(Error::msg("synchronous handler panicked")),
+                    Err(_) => Err(Error::msg("synchronous handler was cancelled")),
+                }
+            })
+        }),
+    }
+}
+
+/// Runs `future` to completion from a synchronous handler on the blocking pool.
+fn block_on<F: Future>(future: F) -> Result<F::Output> {
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::msg("blocking layer calls need a Tokio runtime"))?;
+    Ok(handle.block_on(future))
 }
 
 /// A WebSocket endpoint made of seed-style routes (the tutorial's `channel_routing`).

@@ -607,3 +607,65 @@ async fn connections_over_the_limit_get_503() {
     send_text(&mut c, "room again").await;
     assert_eq!(next_text(&mut c).await, "room again");
 }
+
+/// A synchronous seed handler: blocking sleeps, as a database driver would block.
+fn slow_sync_handler(message: seed::Message) -> canal::Result<()> {
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(200));
+        message
+            .reply_channel()
+            .send_blocking(msg! { "text": format!("sync {i}: {}", message.text()?) })?;
+    }
+    Group::new("sync-room").send_blocking(msg! { "text": "group from sync" })
+}
+
+fn sync_join(message: seed::Message) -> canal::Result<()> {
+    message
+        .reply_channel()
+        .send_blocking(msg! { "accept": true })?;
+    Group::new("sync-room").add_blocking(message.reply_channel())
+}
+
+fn sync_panics(_message: seed::Message) -> canal::Result<()> {
+    panic!("sync bug")
+}
+
+/// `#[tokio::test]` is a single-threaded runtime: if the synchronous handler ran on it, the
+/// echo below could not answer until the handler's 600 ms of blocking were over.
+#[tokio::test]
+async fn synchronous_handlers_run_on_the_blocking_pool() {
+    let app = demo::app()
+        .websocket(path(
+            "/sync/",
+            seed::consumer([
+                seed::route_sync("websocket.connect", sync_join),
+                seed::route_sync("websocket.receive", slow_sync_handler),
+            ]),
+        ))
+        .websocket(path(
+            "/sync-panic/",
+            seed::consumer([seed::route_sync("websocket.receive", sync_panics)]),
+        ));
+    let server = TestServer::start(app).await;
+    let mut slow = connect(&server.url("/sync/")).await;
+    let mut echo = connect(&server.url("/ws/echo/")).await;
+    send_text(&mut slow, "go").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        send_text(&mut echo, &format!("ping {i}")).await;
+        assert_eq!(next_text(&mut echo).await, format!("ping {i}"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "echo waited for the blocking handler: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(next_text(&mut slow).await, "sync 0: go");
+    assert_eq!(next_text(&mut slow).await, "sync 1: go");
+    assert_eq!(next_text(&mut slow).await, "sync 2: go");
+    assert_eq!(next_text(&mut slow).await, "group from sync");
+    let mut bad = connect(&server.url("/sync-panic/")).await;
+    send_text(&mut bad, "x").await;
+    assert_eq!(close_code(&mut bad).await, 1011);
+}
