@@ -669,3 +669,33 @@ async fn synchronous_handlers_run_on_the_blocking_pool() {
     send_text(&mut bad, "x").await;
     assert_eq!(close_code(&mut bad).await, 1011);
 }
+
+/// Spawns a task that blocks its worker thread once, as careless code would.
+#[derive(Default)]
+struct SpawnsBlocking;
+impl WebsocketConsumer for SpawnsBlocking {
+    async fn connect(&mut self, cx: &mut Context) -> canal::Result<()> {
+        cx.accept().await?;
+        cx.spawn(async {
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_watchdog_reports_spawned_tasks_that_block_a_worker() {
+    let mut config = quiet_config();
+    config.blocking_threshold = Some(Duration::from_millis(100));
+    let app = App::new().websocket(path("/ws/blocker/", ws(SpawnsBlocking::default)));
+    let server = TestServer::start_with(app, config).await;
+    let _c = connect(&server.url("/ws/blocker/")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.handle.stats().blocking_polls == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blocking poll was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

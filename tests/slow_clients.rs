@@ -4,8 +4,8 @@
 //! memory stays bounded, and the stalled members are closed with 1008 and counted.
 //!
 //! The server runs as a child process (`canal serve`), so its memory is its own and the
-//! sockets of both sides are not in one process: 200 members, a sender and a few probes here
-//! (about 210 open files), as many in the child.
+//! sockets of both sides are not in one process: 1,000 members, a sender and a few probes here
+//! (about 1,010 open files), as many in the child.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const MEMBERS: usize = 200;
+const MEMBERS: usize = 1000;
 const STALLED: usize = MEMBERS / 10;
 const READERS: usize = MEMBERS - STALLED;
 /// Messages per second into the room, and their size.

@@ -194,7 +194,9 @@ impl Context {
         F: Future<Output = ()> + Send + 'static,
     {
         self.tasks.retain(|t| !t.is_finished());
-        let task = crate::seed::with_layer(self.layer.clone(), task);
+        // Timed by the server's watchdog; the layer stays reachable for seed-style calls.
+        let task =
+            crate::server::watchdog::watched(crate::seed::with_layer(self.layer.clone(), task));
         self.tasks.push(tokio::spawn(task).abort_handle());
     }
 

@@ -16,6 +16,7 @@ pub mod origin;
 mod proxy;
 mod stats;
 pub mod tls;
+pub(crate) mod watchdog;
 pub(crate) mod ws;
 
 use std::collections::HashMap;

@@ -178,7 +178,10 @@ impl Conn {
         match slot {
             Slot::Idle(consumer) => {
                 let layer = self.shared.layer.clone();
-                let fut = crate::seed::with_layer(layer, consumer.handle(event));
+                let fut = crate::server::watchdog::with_server(
+                    self.shared.clone(),
+                    crate::seed::with_layer(layer, consumer.handle(event)),
+                );
                 self.slot = Slot::Busy(Box::pin(fut));
                 if let Some(limit) = self.shared.config.handler_timeout {
                     let at = tokio::time::Instant::now() + limit;

@@ -1,0 +1,67 @@
+//! The watchdog for tasks a consumer spawns: a poll that holds its worker thread longer than
+//! `blocking_threshold` is logged and counted (`canal_blocking_polls_total`), as consumer
+//! handlers' polls are in the connection task. It cannot stop such a poll: nothing in Rust can
+//! preempt a future that does not yield; it makes the offender visible.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use super::Shared;
+
+tokio::task_local! {
+    /// The server whose consumer handler is running on this task.
+    static SERVER: Arc<Shared>;
+}
+
+/// Runs a consumer handler with its server known to [`watched`].
+pub(crate) fn with_server<F: Future>(
+    shared: Arc<Shared>,
+    future: F,
+) -> impl Future<Output = F::Output> {
+    SERVER.scope(shared, future)
+}
+
+/// Wraps a task spawned from a consumer so the watchdog times each of its polls.
+pub(crate) fn watched<F: Future>(task: F) -> Watched<F> {
+    Watched {
+        inner: Box::pin(task),
+        shared: SERVER
+            .try_with(Clone::clone)
+            .ok()
+            .filter(|s| s.config.blocking_threshold.is_some()),
+    }
+}
+
+/// A future whose polls are timed against the server's blocking threshold.
+pub(crate) struct Watched<F> {
+    inner: Pin<Box<F>>,
+    shared: Option<Arc<Shared>>,
+}
+
+impl<F: Future> Future for Watched<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let started = this.shared.as_ref().map(|_| Instant::now());
+        let result = this.inner.as_mut().poll(cx);
+        if let (Some(started), Some(shared)) = (started, this.shared.as_ref())
+            && let Some(threshold) = shared.config.blocking_threshold
+        {
+            let held = started.elapsed();
+            if held > threshold {
+                shared.stats.blocking_polls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    held_ms = held.as_millis() as u64,
+                    "a task spawned by a consumer held a worker thread without yielding; \
+                     blocking code belongs in tokio::task::spawn_blocking"
+                );
+            }
+        }
+        result
+    }
+}
