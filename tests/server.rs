@@ -699,3 +699,20 @@ async fn the_watchdog_reports_spawned_tasks_that_block_a_worker() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn the_watchdog_reports_http_consumers_that_block_a_worker() {
+    let mut config = quiet_config();
+    config.blocking_threshold = Some(Duration::from_millis(100));
+    let app = App::new().http(path(
+        "/slow",
+        http(|_req: Request| async {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(Response::text("done"))
+        }),
+    ));
+    let server = TestServer::start_with(app, config).await;
+    let (_, head) = raw_request(server.addr, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&head), 200);
+    assert_eq!(server.handle.stats().blocking_polls, 1);
+}

@@ -367,6 +367,8 @@ async fn plain_http(
     };
     let call =
         crate::seed::with_layer(shared.layer.clone(), endpoint.call(Request { scope, body }));
+    // The watchdog times HTTP consumers' polls as it does WebSocket handlers'.
+    let call = super::watchdog::watched_by(shared.clone(), call);
     let outcome = AssertUnwindSafe(call).catch_unwind().await;
     let response = match outcome {
         Ok(Ok(response)) => response,

@@ -1,6 +1,6 @@
-//! The watchdog for tasks a consumer spawns: a poll that holds its worker thread longer than
-//! `blocking_threshold` is logged and counted (`canal_blocking_polls_total`), as consumer
-//! handlers' polls are in the connection task. It cannot stop such a poll: nothing in Rust can
+//! The watchdog for tasks a consumer spawns and for HTTP consumers: a poll that holds its worker
+//! thread longer than `blocking_threshold` is logged and counted (`canal_blocking_polls_total`),
+//! as WebSocket consumer handlers' polls are in the connection task. It cannot stop such a poll: nothing in Rust can
 //! preempt a future that does not yield; it makes the offender visible.
 
 use std::future::Future;
@@ -33,6 +33,14 @@ pub(crate) fn watched<F: Future>(task: F) -> Watched<F> {
             .try_with(Clone::clone)
             .ok()
             .filter(|s| s.config.blocking_threshold.is_some()),
+    }
+}
+
+/// Wraps a future (an HTTP consumer's call) so the watchdog of `shared` times its polls.
+pub(crate) fn watched_by<F: Future>(shared: Arc<Shared>, future: F) -> Watched<F> {
+    Watched {
+        inner: Box::pin(future),
+        shared: shared.config.blocking_threshold.map(|_| shared),
     }
 }
 
