@@ -194,13 +194,9 @@ impl Mailbox {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Whether an expired message is waiting at the head.
-    fn head_expired(&self, now_ms: u64) -> bool {
-        self.queue
-            .lock()
-            .messages
-            .front()
-            .is_some_and(|e| e.expires_ms <= now_ms)
+    /// Drops the expired messages at the head, in place; returns how many.
+    fn purge(&self, now_ms: u64) -> u64 {
+        purge_expired(&mut self.queue.lock().messages, now_ms)
     }
 }
 
@@ -385,12 +381,14 @@ impl LocalChannels {
         }
     }
 
-    /// Ids of mailboxes whose oldest message expired unread.
-    pub(crate) fn expired_heads(&self, now_ms: u64) -> Vec<u64> {
+    /// Drops expired messages from every mailbox in place; returns (id, how many) for each
+    /// mailbox that had some (its channel then leaves its groups).
+    pub(crate) fn purge_expired(&self, now_ms: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         self.for_each(|id, mb| {
-            if mb.head_expired(now_ms) {
-                out.push(id);
+            let expired = mb.purge(now_ms);
+            if expired > 0 {
+                out.push((id, expired));
             }
         });
         out

@@ -242,17 +242,9 @@ impl Inner {
             self.remove_from_groups(&Member::Named(Arc::from(name.as_str())));
         }
         // Local mailboxes whose oldest message expired unread (a stuck consumer).
-        for id in self.local.expired_heads(now) {
-            if let Some(mailbox) = self.local.get(id) {
-                let (live, expired) = mailbox.drain(now);
-                // Put the live ones back in order; nothing else can have been popped meanwhile
-                // except by the owner, which only ever takes from the front.
-                for env in live {
-                    let _ = mailbox.push(env.message, now, env.expires_ms);
-                }
-                self.counters()
-                    .drop(DropReason::Expired, expired, &self.local.name_of(id));
-            }
+        for (id, expired) in self.local.purge_expired(now) {
+            self.counters()
+                .drop(DropReason::Expired, expired, &self.local.name_of(id));
             self.remove_from_groups(&Member::Local(id));
         }
         // Group memberships past group_expiry.
