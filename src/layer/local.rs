@@ -365,6 +365,26 @@ impl LocalChannels {
         Ok(message)
     }
 
+    /// Pushes `message` into local channel `id`'s mailbox, to expire `expiry_ms` from now, and
+    /// counts the expired messages the push purged on the way (the caller counts the rest).
+    pub(crate) fn deliver(
+        &self,
+        id: u64,
+        mailbox: &Mailbox,
+        message: Message,
+        expiry_ms: u64,
+    ) -> Push {
+        let now = self.now_ms();
+        let outcome = mailbox.push(message, now, now + expiry_ms);
+        if let Push::Queued { expired } | Push::Full { expired } = outcome
+            && expired > 0
+        {
+            self.counters()
+                .drop(DropReason::Expired, expired, &self.name_of(id));
+        }
+        outcome
+    }
+
     /// Calls `f` with the name of every open local channel.
     pub fn for_each_name(&self, mut f: impl FnMut(String)) {
         self.for_each(|id, _| f(self.name_of(id)));

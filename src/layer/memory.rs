@@ -188,15 +188,12 @@ impl Inner {
         queued
     }
 
-    fn push_local(&self, id: u64, mailbox: &Mailbox, message: Message, now: u64) -> Push {
-        let outcome = mailbox.push(message, now, now + self.expiry_ms());
-        let expired = match outcome {
-            Push::Queued { expired } | Push::Full { expired } => expired,
-            Push::Closed => 0,
-        };
-        if expired > 0 {
-            let name = self.local.name_of(id);
-            self.counters().drop(DropReason::Expired, expired, &name);
+    fn push_local(&self, id: u64, mailbox: &Mailbox, message: Message) -> Push {
+        let outcome = self.local.deliver(id, mailbox, message, self.expiry_ms());
+        if let Push::Queued { expired } | Push::Full { expired } = outcome
+            && expired > 0
+        {
+            // A message expired unread: its channel leaves its groups, as Channels requires.
             self.remove_from_groups(&Member::Local(id));
         }
         outcome
@@ -298,7 +295,7 @@ impl ChannelLayer for MemoryLayer {
                 inner.counters().drop(DropReason::NoReceiver, 1, channel);
                 return Ok(());
             };
-            return match inner.push_local(id, &mailbox, message, now) {
+            return match inner.push_local(id, &mailbox, message) {
                 Push::Queued { .. } => {
                     inner
                         .counters()
@@ -465,7 +462,7 @@ impl ChannelLayer for MemoryLayer {
         for target in targets.iter() {
             match target {
                 Target::Local(id, mailbox) => {
-                    match inner.push_local(*id, mailbox, message.clone(), now) {
+                    match inner.push_local(*id, mailbox, message.clone()) {
                         Push::Queued { .. } => delivered += 1,
                         Push::Full { .. } => full += 1,
                         Push::Closed => gone.push(Member::Local(*id)),

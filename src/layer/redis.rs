@@ -446,18 +446,12 @@ impl Inner {
                 .drop(DropReason::NoReceiver, 1, &self.local.name_of(id));
             return false;
         };
-        let now = self.local.now_ms();
-        let expires = now + self.config.layer.expiry.as_millis() as u64;
-        match mailbox.push(message, now, expires) {
-            Push::Queued { expired } => {
+        let expiry = self.config.layer.expiry.as_millis() as u64;
+        match self.local.deliver(id, &mailbox, message, expiry) {
+            Push::Queued { .. } => true,
+            Push::Full { .. } => {
                 self.counters()
-                    .drop(DropReason::Expired, expired, &self.local.name_of(id));
-                true
-            }
-            Push::Full { expired } => {
-                let name = self.local.name_of(id);
-                self.counters().drop(DropReason::Expired, expired, &name);
-                self.counters().drop(DropReason::ChannelFull, 1, &name);
+                    .drop(DropReason::ChannelFull, 1, &self.local.name_of(id));
                 false
             }
             Push::Closed => {
