@@ -36,12 +36,17 @@ impl TestServer {
         config: ServerConfig,
         layer: Option<canal::Layer>,
     ) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let mut server = Server::new(app).with_config(config);
         if let Some(layer) = layer {
             server = server.with_layer(layer);
         }
+        TestServer::run(server).await
+    }
+
+    /// Serves `server` on a free loopback port until `shutdown` (or drop).
+    pub async fn run(mut server: Server) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let handle = server.handle();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
@@ -332,23 +337,11 @@ pub async fn start_with_builtins(
     config: ServerConfig,
     builtins: canal::server::Builtins,
 ) -> TestServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut server = Server::new(app)
+    let server = Server::new(app)
         .with_config(config)
         .with_builtins(builtins)
         .unwrap();
-    let handle = server.handle();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve(listener, async {
-        let _ = rx.await;
-    }));
-    TestServer {
-        addr,
-        handle,
-        stop: Some(tx),
-        task: Some(task),
-    }
+    TestServer::run(server).await
 }
 
 /// Prometheus text parsed into samples: (name, sorted labels) → value. Panics on any line
