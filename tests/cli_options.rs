@@ -42,14 +42,6 @@ fn serve_help_lists_every_flag_with_its_default() {
     assert!(help.contains("--max-connections") && help.contains("open-file limit"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn config_file_sets_options_and_flags_win() {
     let port = free_port();

@@ -55,11 +55,7 @@ impl Redis {
         {
             missing("redis-server")?;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut redis = Redis {
             port,
             child: None,
@@ -385,11 +381,7 @@ async fn storage_is_what_channels_redis_stores() {
 
 /// A `canal serve` child process on a free port, on `layer`.
 async fn serve_process(layer: &str) -> (Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_canal"))
         .args([
             "--log-level",

@@ -79,6 +79,15 @@ impl TestServer {
     }
 }
 
+/// A loopback port that was free a moment ago (for servers started as child processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn quiet_config() -> ServerConfig {
     let mut config = ServerConfig::default();
     config.access_log = false;
