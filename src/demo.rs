@@ -15,7 +15,6 @@
 
 use crate::consumer::{Context, Frame, Rejection, Request, Response, WebsocketConsumer, http, ws};
 use crate::layer::{LayerError, check_group_name};
-use crate::message::Message;
 use crate::routing::path;
 use crate::scope::Scope;
 use crate::server::App;
@@ -43,6 +42,11 @@ pub struct ChatRoom {
 }
 
 impl WebsocketConsumer for ChatRoom {
+    /// A room message goes to each member's socket as it is, without a handler run.
+    fn fastlane() -> &'static [&'static str] {
+        &["chat.message"]
+    }
+
     fn check(scope: &Scope) -> std::result::Result<(), Rejection> {
         let room = scope
             .param("room")
@@ -65,17 +69,6 @@ impl WebsocketConsumer for ChatRoom {
         };
         // A backend outage loses this message (counted by the layer), not the connection.
         tolerate_outage(cx.group_send(&self.room, message).await)
-    }
-
-    async fn event(&mut self, cx: &mut Context, event: Message) -> Result<()> {
-        if event.kind() != Some("chat.message") {
-            return Ok(());
-        }
-        if let Some(text) = event.text_value("text") {
-            cx.send_text(text.clone()).await
-        } else {
-            cx.send_binary(event.bytes("bytes")?.clone()).await
-        }
     }
 
     async fn disconnect(&mut self, cx: &mut Context, _code: u16) -> Result<()> {

@@ -105,3 +105,64 @@ async fn two_clients_share_a_room() {
     let mut missing = WebsocketCommunicator::from_handle(a.handle().clone(), "/ws/none/");
     assert_eq!(missing.connect().await, Connect::Rejected(404));
 }
+
+/// A room whose `chat.message` goes out on the fastlane; any other event is echoed with a
+/// prefix by the handler, so a test can tell which path a message took.
+#[derive(Default)]
+struct FastRoom;
+
+impl WebsocketConsumer for FastRoom {
+    fn fastlane() -> &'static [&'static str] {
+        &["chat.message"]
+    }
+
+    async fn connect(&mut self, cx: &mut Context) -> canal::Result<()> {
+        cx.group_add("fast").await?;
+        // A group message sent between the join and the accept is held, then sent.
+        cx.group_send("fast", msg! { "type": "chat.message", "text": "early" })
+            .await?;
+        cx.accept().await
+    }
+
+    async fn event(&mut self, cx: &mut Context, event: Message) -> canal::Result<()> {
+        cx.send_text(format!("handler saw {}", event.kind().unwrap_or("-")))
+            .await
+    }
+}
+
+#[tokio::test]
+async fn fastlane_types_skip_the_handler_and_keep_their_order() {
+    let app = App::new().websocket(path("/ws/fast/", ws(FastRoom::default)));
+    let mut c = WebsocketCommunicator::new(app, "/ws/fast/");
+    assert!(matches!(c.connect().await, Connect::Accepted { .. }));
+    assert_eq!(c.receive_text().await.unwrap(), "early");
+    let layer = c.handle().layer().clone();
+    for i in 0..5 {
+        layer
+            .group_send(
+                "fast",
+                msg! { "type": "chat.message", "text": format!("m{i}") },
+            )
+            .await
+            .unwrap();
+    }
+    layer
+        .group_send("fast", msg! { "type": "chat.bytes", "bytes": vec![1u8, 2] })
+        .await
+        .unwrap();
+    layer
+        .group_send("fast", msg! { "type": "chat.message", "bytes": vec![7u8] })
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert_eq!(c.receive_text().await.unwrap(), format!("m{i}"));
+    }
+    // Bytes go out as a binary frame, and like a `websocket.send` a fastlane message does
+    // not wait behind the handler run of the message before it.
+    assert_eq!(
+        c.receive().await.unwrap(),
+        Received::Frame(Frame::Binary(bytes::Bytes::from_static(&[7])))
+    );
+    // Not a fastlane type: the handler runs.
+    assert_eq!(c.receive_text().await.unwrap(), "handler saw chat.bytes");
+}

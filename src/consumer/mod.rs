@@ -95,6 +95,35 @@ pub trait WebsocketConsumer: Send + 'static {
         Ok(())
     }
 
+    /// Layer message types that go straight to the client without running
+    /// [`event`](Self::event): the message's `text` is sent as a text frame (or its `bytes`
+    /// as a binary frame), at once, exactly as a `websocket.send` message would be. Phoenix
+    /// calls this the fastlane. A group send to a large room then costs each member one queue
+    /// push and a share of one socket write instead of a handler run.
+    ///
+    /// Use it for types whose handler would only forward the content; a type listed here never
+    /// reaches `event`. Messages that arrive before the connection is accepted are dropped, as
+    /// sends before accept are.
+    ///
+    /// ```
+    /// use canal::prelude::*;
+    ///
+    /// #[derive(Default)]
+    /// struct Room;
+    ///
+    /// impl WebsocketConsumer for Room {
+    ///     fn fastlane() -> &'static [&'static str] {
+    ///         &["chat.message"]
+    ///     }
+    /// }
+    /// ```
+    fn fastlane() -> &'static [&'static str]
+    where
+        Self: Sized,
+    {
+        &[]
+    }
+
     /// Groups joined before [`connect`](Self::connect) and left after
     /// [`disconnect`](Self::disconnect) (Channels' `groups` attribute).
     fn groups(&self) -> Vec<String> {
@@ -212,6 +241,7 @@ impl<C: WebsocketConsumer> DynConsumer for Driver<C> {
 pub(crate) trait Factory: Send + Sync {
     fn check(&self, scope: &Scope) -> std::result::Result<(), Rejection>;
     fn make(&self, cx: Context) -> Box<dyn DynConsumer>;
+    fn fastlane(&self) -> &'static [&'static str];
 }
 
 struct FnFactory<F>(F);
@@ -230,6 +260,10 @@ where
             consumer: (self.0)(),
             cx,
         })
+    }
+
+    fn fastlane(&self) -> &'static [&'static str] {
+        C::fastlane()
     }
 }
 

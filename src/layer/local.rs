@@ -51,6 +51,15 @@ pub(crate) enum Push {
     Closed,
 }
 
+/// What [`Mailbox::take_all`] hands the owner.
+#[derive(Default)]
+pub(crate) struct Taken {
+    pub(crate) messages: VecDeque<Envelope>,
+    pub(crate) commands: VecDeque<Command>,
+    /// Expired messages dropped on the way.
+    pub(crate) expired: u64,
+}
+
 /// The receiving end of one process-local channel.
 #[derive(Default)]
 struct Queues {
@@ -67,6 +76,10 @@ pub(crate) struct Mailbox {
     capacity: u32,
     signals: AtomicU8,
     closed: AtomicBool,
+    /// The owning connection task is being polled and will look at both queues before it
+    /// sleeps ([`Mailbox::end_poll`]), so a push needs no wake: waking a running task costs it
+    /// one more whole poll. Cleared under the queue lock, read under it by pushers.
+    owner_polling: AtomicBool,
     /// Created by `new_channel()` rather than owned by a connection.
     detached: bool,
     /// Coarse activity stamp (seconds) kept by the owner, read by sweepers.
@@ -81,6 +94,7 @@ impl Mailbox {
             capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
             signals: AtomicU8::new(0),
             closed: AtomicBool::new(false),
+            owner_polling: AtomicBool::new(false),
             detached,
             activity: AtomicU32::new(0),
         }
@@ -91,21 +105,22 @@ impl Mailbox {
         if self.closed.load(Ordering::Acquire) {
             return Push::Closed;
         }
-        let outcome = {
+        let (outcome, wake) = {
             let mut queues = self.queue.lock();
             let queue = &mut queues.messages;
             let expired = purge_expired(queue, now_ms);
             if queue.len() >= self.capacity as usize {
-                Push::Full { expired }
+                (Push::Full { expired }, false)
             } else {
                 queue.push_back(Envelope {
                     message,
                     expires_ms,
                 });
-                Push::Queued { expired }
+                let wake = !self.owner_polling.load(Ordering::Relaxed);
+                (Push::Queued { expired }, wake)
             }
         };
-        if matches!(outcome, Push::Queued { .. }) {
+        if wake {
             self.waker.wake();
         }
         outcome
@@ -119,19 +134,59 @@ impl Mailbox {
         (queue, expired)
     }
 
+    /// Takes every queued message and command under one lock (their buffers go with them).
+    /// The expired messages are dropped and counted in `Taken::expired`.
+    pub(crate) fn take_all(&self, now_ms: u64) -> Taken {
+        let mut taken = {
+            let mut queues = self.queue.lock();
+            if queues.messages.is_empty() && queues.commands.is_empty() {
+                return Taken::default();
+            }
+            Taken {
+                messages: std::mem::take(&mut queues.messages),
+                commands: std::mem::take(&mut queues.commands),
+                expired: 0,
+            }
+        };
+        taken.expired = purge_expired(&mut taken.messages, now_ms);
+        taken
+    }
+
     /// Queues a socket command for the owner; false once the mailbox is closed.
     pub(crate) fn push_command(&self, command: Command) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
         }
-        self.queue.lock().commands.push_back(command);
-        self.waker.wake();
+        let wake = {
+            let mut queues = self.queue.lock();
+            queues.commands.push_back(command);
+            !self.owner_polling.load(Ordering::Relaxed)
+        };
+        if wake {
+            self.waker.wake();
+        }
         true
     }
 
     /// Takes every queued command (with its buffer).
     pub(crate) fn take_commands(&self) -> VecDeque<Command> {
         std::mem::take(&mut self.queue.lock().commands)
+    }
+
+    /// The owner starts a poll in which it will call [`end_poll`](Self::end_poll) before it
+    /// sleeps: pushes meanwhile skip the wake.
+    pub(crate) fn begin_poll(&self) {
+        self.owner_polling.store(true, Ordering::Relaxed);
+    }
+
+    /// The owner is about to sleep: from now on pushes wake it again. True when something
+    /// arrived that it has not taken yet (it must keep going instead of sleeping).
+    pub(crate) fn end_poll(&self) -> bool {
+        let queues = self.queue.lock();
+        // Cleared under the lock that pushers hold when they read it: a push either lands
+        // before this check (and is seen here) or after it (and sees the flag cleared).
+        self.owner_polling.store(false, Ordering::Relaxed);
+        !queues.messages.is_empty() || !queues.commands.is_empty()
     }
 
     /// Pops one live message, registering the waker when empty. Returns the expired count too.
@@ -374,7 +429,19 @@ impl LocalChannels {
         message: Message,
         expiry_ms: u64,
     ) -> Push {
-        let now = self.now_ms();
+        self.deliver_at(id, mailbox, message, self.now_ms(), expiry_ms)
+    }
+
+    /// [`deliver`](Self::deliver) at a time the caller read once for many deliveries (a group
+    /// send reads the clock once, not once per member).
+    pub(crate) fn deliver_at(
+        &self,
+        id: u64,
+        mailbox: &Mailbox,
+        message: Message,
+        now: u64,
+        expiry_ms: u64,
+    ) -> Push {
         let outcome = mailbox.push(message, now, now + expiry_ms);
         if let Push::Queued { expired } | Push::Full { expired } = outcome
             && expired > 0

@@ -188,8 +188,10 @@ impl Inner {
         queued
     }
 
-    fn push_local(&self, id: u64, mailbox: &Mailbox, message: Message) -> Push {
-        let outcome = self.local.deliver(id, mailbox, message, self.expiry_ms());
+    fn push_local(&self, id: u64, mailbox: &Mailbox, message: Message, now: u64) -> Push {
+        let outcome = self
+            .local
+            .deliver_at(id, mailbox, message, now, self.expiry_ms());
         if let Push::Queued { expired } | Push::Full { expired } = outcome
             && expired > 0
         {
@@ -295,7 +297,7 @@ impl ChannelLayer for MemoryLayer {
                 inner.counters().drop(DropReason::NoReceiver, 1, channel);
                 return Ok(());
             };
-            return match inner.push_local(id, &mailbox, message) {
+            return match inner.push_local(id, &mailbox, message, inner.local.now_ms()) {
                 Push::Queued { .. } => {
                     inner
                         .counters()
@@ -462,7 +464,7 @@ impl ChannelLayer for MemoryLayer {
         for target in targets.iter() {
             match target {
                 Target::Local(id, mailbox) => {
-                    match inner.push_local(*id, mailbox, message.clone()) {
+                    match inner.push_local(*id, mailbox, message.clone(), now) {
                         Push::Queued { .. } => delivered += 1,
                         Push::Full { .. } => full += 1,
                         Push::Closed => gone.push(Member::Local(*id)),

@@ -43,6 +43,12 @@ const SCRATCH: usize = 64 * 1024;
 /// Frames handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 
+/// Events one poll hands to the consumer before the task yields to the others. A handler that
+/// finishes without awaiting (a group send to a local room does) would otherwise let one
+/// connection with a backlog of client messages run thousands of group sends in a row, while
+/// the members it sends to cannot run to drain their mailboxes (which then overflow).
+const EVENTS_PER_POLL: u32 = 16;
+
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
 }
@@ -120,6 +126,10 @@ pub(crate) struct Conn {
     decision: Option<Box<Decision>>,
     /// Whether this connection's messages count in the server's totals.
     metered: bool,
+    /// Layer message types written straight to the socket ([`WebsocketConsumer::fastlane`]).
+    ///
+    /// [`WebsocketConsumer::fastlane`]: crate::consumer::WebsocketConsumer::fastlane
+    fastlane: &'static [&'static str],
 }
 
 /// What ended a handler run.
@@ -138,6 +148,7 @@ impl Conn {
         inbox: Inbox,
         consumer: Box<dyn DynConsumer>,
         metered: bool,
+        fastlane: &'static [&'static str],
     ) -> Conn {
         let limits = Limits {
             max_frame_size: shared.config.max_frame_size,
@@ -164,6 +175,7 @@ impl Conn {
             deadline: None,
             decision: None,
             metered,
+            fastlane,
         }
     }
 
@@ -343,14 +355,33 @@ impl Conn {
     fn absorb_mailbox(&mut self) {
         let now = self.now_ms();
         let (messages, expired) = self.inbox.mailbox().drain(now);
+        self.count_expired(expired);
+        for env in messages {
+            self.apply_message(env.message);
+        }
+    }
+
+    /// Takes layer messages and socket commands under one lock and applies them. True when
+    /// there was anything.
+    fn absorb_all(&mut self) -> bool {
+        let taken = self.inbox.mailbox().take_all(self.now_ms());
+        self.count_expired(taken.expired);
+        let any = taken.expired > 0 || !taken.messages.is_empty() || !taken.commands.is_empty();
+        for env in taken.messages {
+            self.apply_message(env.message);
+        }
+        for command in taken.commands {
+            self.apply_command(command);
+        }
+        any
+    }
+
+    fn count_expired(&self, expired: u64) {
         if expired > 0 {
             self.inbox
                 .registry()
                 .counters()
                 .drop(DropReason::Expired, expired, &self.inbox.name());
-        }
-        for env in messages {
-            self.apply_message(env.message);
         }
     }
 
@@ -369,16 +400,7 @@ impl Conn {
                         headers: Vec::new(),
                     });
                 }
-                if let Some(text) = message.text_value("text") {
-                    self.apply_command(Command::Send(Outgoing::Text(text.clone())));
-                } else if let Ok(bytes) = message.bytes("bytes") {
-                    self.apply_command(Command::Send(Outgoing::Binary(bytes.clone())));
-                } else {
-                    tracing::warn!(
-                        path = self.scope.path(),
-                        "websocket.send without text or bytes ignored"
-                    );
-                }
+                self.send_content(&message);
                 if let Some(close) = message.get("close") {
                     let code = match close.as_i64() {
                         Some(code) => u16::try_from(code).unwrap_or(close_code::NORMAL),
@@ -414,11 +436,58 @@ impl Conn {
                     .to_owned();
                 self.apply_command(Command::Close { code, reason });
             }
+            Some(kind) if self.fastlane.contains(&kind) => {
+                if self.accepted {
+                    self.send_content(&message);
+                } else if self.phase == Phase::Open {
+                    // Held until the accept (a group may be joined before it), then sent.
+                    self.pending.push_back(Event::Layer(message));
+                }
+            }
             _ => {
                 if self.phase == Phase::Open {
                     self.pending.push_back(Event::Layer(message));
                 }
             }
+        }
+    }
+
+    /// Sends the fastlane messages that arrived before the accept, in their order.
+    fn release_fastlane(&mut self) {
+        if self.fastlane.is_empty() || self.pending.is_empty() {
+            return;
+        }
+        let fastlane = self.fastlane;
+        let held: Vec<Message> = self
+            .pending
+            .iter()
+            .filter_map(|e| match e {
+                Event::Layer(m) if m.kind().is_some_and(|k| fastlane.contains(&k)) => {
+                    Some(m.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        self.pending.retain(
+            |e| !matches!(e, Event::Layer(m) if m.kind().is_some_and(|k| fastlane.contains(&k))),
+        );
+        for message in held {
+            self.send_content(&message);
+        }
+    }
+
+    /// Writes a message's `text` (a text frame) or `bytes` (a binary frame) to the client.
+    fn send_content(&mut self, message: &Message) {
+        if let Some(text) = message.text_value("text") {
+            self.apply_command(Command::Send(Outgoing::Text(text.clone())));
+        } else if let Ok(bytes) = message.bytes("bytes") {
+            self.apply_command(Command::Send(Outgoing::Binary(bytes.clone())));
+        } else {
+            tracing::warn!(
+                path = self.scope.path(),
+                kind = message.kind(),
+                "a message for the socket without text or bytes was ignored"
+            );
         }
     }
 
@@ -434,6 +503,7 @@ impl Conn {
                         subprotocol,
                         headers,
                     }));
+                    self.release_fastlane();
                 }
             }
             Command::Send(outgoing) => {
@@ -923,7 +993,12 @@ impl Conn {
         io: &mut S,
     ) -> Poll<()> {
         self.inbox.mailbox().register(cx);
+        let mut handled = 0;
+        let mut yielding = false;
         loop {
+            // Pushes while this poll runs (the handler's own sends, a group send from this
+            // connection's handler) need not wake the task: end_poll looks before it sleeps.
+            self.inbox.mailbox().begin_poll();
             let mut progressed = false;
 
             let signals = self.inbox.mailbox().take_signals();
@@ -951,18 +1026,8 @@ impl Conn {
                 }
             }
 
-            if self.phase != Phase::Closed {
-                if self.inbox.mailbox().has_messages() {
-                    self.absorb_mailbox();
-                    progressed = true;
-                }
-                let commands = self.inbox.mailbox().take_commands();
-                if !commands.is_empty() {
-                    progressed = true;
-                    for command in commands {
-                        self.apply_command(command);
-                    }
-                }
+            if self.phase != Phase::Closed && self.absorb_all() {
+                progressed = true;
             }
 
             if let Some(outcome) = self.poll_handler(cx) {
@@ -974,10 +1039,16 @@ impl Conn {
             }
             if self.phase == Phase::Open
                 && matches!(self.slot, Slot::Idle(_))
-                && let Some(event) = self.pending.pop_front()
+                && !self.pending.is_empty()
             {
-                self.start_handler(event);
-                continue;
+                if handled < EVENTS_PER_POLL
+                    && let Some(event) = self.pending.pop_front()
+                {
+                    handled += 1;
+                    self.start_handler(event);
+                    continue;
+                }
+                yielding = true;
             }
 
             match self.poll_flush(cx, io) {
@@ -990,16 +1061,28 @@ impl Conn {
             }
 
             if self.phase == Phase::Closed && self.out.is_none() {
+                self.inbox.mailbox().end_poll();
                 return Poll::Ready(());
             }
             if let Some(deadline) = self.deadline.as_mut()
                 && deadline.as_mut().poll(cx).is_ready()
             {
                 // The peer did not answer our close (or would not take our last bytes).
+                self.inbox.mailbox().end_poll();
                 return Poll::Ready(());
             }
-            if !progressed {
+            if yielding {
+                // Back of the run queue; what is pending is handled in the next poll.
+                self.inbox.mailbox().end_poll();
+                cx.waker().wake_by_ref();
                 return Poll::Pending;
+            }
+            if !progressed {
+                let more = self.inbox.mailbox().end_poll();
+                // A closed connection takes nothing more from its mailbox.
+                if !more || self.phase == Phase::Closed {
+                    return Poll::Pending;
+                }
             }
         }
     }

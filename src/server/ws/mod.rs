@@ -66,8 +66,16 @@ async fn open(
     };
     let consumer = endpoint.factory.make(cx);
     let metered = endpoint.metered;
+    let fastlane = endpoint.factory.fastlane();
     drop(endpoint);
-    let mut conn = Conn::new(shared.clone(), scope.clone(), inbox, consumer, metered);
+    let mut conn = Conn::new(
+        shared.clone(),
+        scope.clone(),
+        inbox,
+        consumer,
+        metered,
+        fastlane,
+    );
     let joined = conn.declared_groups();
     let channel = conn.channel_name();
     for group in &joined {
