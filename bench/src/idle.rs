@@ -327,10 +327,8 @@ fn drive(a: &IdleArgs, workers: &mut [Worker]) -> Result<Value, String> {
             break;
         }
     }
-    let per_process_rss: Vec<Option<u64>> = pid
-        .iter()
-        .map(|p| procfs::rss_kb(&p.to_string()))
-        .collect();
+    let per_process_rss: Vec<Option<u64>> =
+        pid.iter().map(|p| procfs::rss_kb(&p.to_string())).collect();
     let group_send = match (&a.publish_url, &failure) {
         (Some(url), None) => {
             let held = steps
@@ -445,7 +443,11 @@ fn post(
             break;
         }
         if status == 0 {
-            status = l.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            status = l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
         } else if let Some((name, value)) = l.split_once(':')
             && name.eq_ignore_ascii_case("content-length")
         {
@@ -593,7 +595,10 @@ pub fn print(v: &Value) {
             .zip(v["server_rss_per_process_kb"].as_array().unwrap_or(&empty))
             .map(|(p, r)| format!("{p}: {r} kB"))
             .collect();
-        println!("  server RSS per process at the last step: {}", per.join(", "));
+        println!(
+            "  server RSS per process at the last step: {}",
+            per.join(", ")
+        );
     }
     let g = &v["group_send"];
     if !g.is_null() {
