@@ -622,6 +622,13 @@ enum Cmd {
     Close,
 }
 
+/// What a client reports into: the worker's count of held connections, and the group send
+/// check.
+struct Tallies {
+    live: Arc<AtomicUsize>,
+    expect: Arc<Expect>,
+}
+
 /// The text a `--publish-url` check waits for, and who got it.
 #[derive(Default)]
 struct Expect {
@@ -723,8 +730,10 @@ async fn worker_loop(
                             src,
                             room_path,
                             ready_tx.clone(),
-                            Arc::clone(&live),
-                            Arc::clone(&expect),
+                            Tallies {
+                                live: Arc::clone(&live),
+                                expect: Arc::clone(&expect),
+                            },
                             shut_rx.clone(),
                         )));
                         in_flight += 1;
@@ -784,10 +793,10 @@ async fn hold(
     src: Option<IpAddr>,
     path: String,
     ready: mpsc::UnboundedSender<Option<bool>>,
-    live: Arc<AtomicUsize>,
-    expect: Arc<Expect>,
+    tallies: Tallies,
     mut shut: watch::Receiver<bool>,
 ) -> Option<bool> {
+    let Tallies { live, expect } = tallies;
     let t = Duration::from_secs(10);
     let conn = tokio::time::timeout(t, ws::connect(target.addr, src, &target.host, &path)).await;
     let Ok(Ok(mut conn)) = conn else {
