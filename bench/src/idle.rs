@@ -6,8 +6,17 @@
 //!
 //! - `grow N` -> the worker opens connections until it holds `N`, then answers
 //!   `ready HELD OPENED FAILED NO_ECHO DROPPED RSS_KB`;
+//! - `expect TEXT` -> from now on it counts its connections that receive the text message
+//!   `TEXT` (once each), and answers `expecting`;
+//! - `count` -> answers `count GOT LAST_NS`: connections that received it so far and when the
+//!   last one did (nanoseconds since the Unix epoch; both processes read the same clock);
 //! - `close` -> it closes every connection (close frame, waits for the server's) and answers
 //!   `closed CLEAN TOTAL`, then exits.
+//!
+//! With `--publish-url`, after the last step the parent checks a group send: it tells every
+//! worker to expect one fresh text, publishes it to every room (`POST /api/publish`, one group
+//! send per room, so the rooms together hold every connection), and waits until every held
+//! connection got it.
 //!
 //! Worker `k` of `P` owns the global client indices `k, k+P, k+2P, ...`; client `i` joins room
 //! `i % rooms` and binds to source address `i % sources`. Each client sends one short text
@@ -16,9 +25,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::Args;
 use serde_json::{Value, json};
@@ -41,9 +50,10 @@ pub struct IdleArgs {
     /// Request path; `{room}` becomes the room number.
     #[arg(long, default_value = "/ws/chat/room-{room}/")]
     path: String,
-    /// Server process id, whose VmRSS is recorded at each step.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Server process ids (comma-separated: several worker processes), whose summed VmRSS is
+    /// recorded at each step.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Connection counts to step through (ascending).
     #[arg(
         long,
@@ -66,6 +76,19 @@ pub struct IdleArgs {
     /// Most seconds to wait for the server's RSS to settle at each step.
     #[arg(long, default_value_t = 30)]
     settle_max: u64,
+    /// After the last step, publish one message to every room through this endpoint
+    /// (`http://127.0.0.1:PORT/api/publish`) and check that every connection receives it.
+    #[arg(long)]
+    publish_url: Option<String>,
+    /// Bearer token for --publish-url.
+    #[arg(long, default_value = "")]
+    publish_token: String,
+    /// Group name of a room; `{room}` becomes the room number.
+    #[arg(long, default_value = "room-{room}")]
+    publish_group: String,
+    /// Most seconds to wait for the published message to reach every connection.
+    #[arg(long, default_value_t = 120)]
+    publish_wait: u64,
 }
 
 #[derive(Args, Debug)]
@@ -118,16 +141,23 @@ impl Worker {
     }
 }
 
-fn rss_samples(pid: Option<u32>, settle_max: u64) -> (Option<u64>, bool, f64) {
-    let Some(pid) = pid else {
+/// The summed VmRSS of `pids` in kB, if every one is readable.
+fn total_rss_kb(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| procfs::rss_kb(&p.to_string())).sum()
+}
+
+fn rss_samples(pids: &[u32], settle_max: u64) -> (Option<u64>, bool, f64) {
+    if pids.is_empty() {
         return (None, false, 0.0);
-    };
-    let pid = pid.to_string();
+    }
     let started = Instant::now();
     let mut last: Vec<u64> = Vec::new();
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let Some(v) = procfs::rss_kb(&pid) else {
+        let Some(v) = total_rss_kb(pids) else {
             return (None, false, started.elapsed().as_secs_f64());
         };
         last.push(v);
@@ -185,10 +215,15 @@ pub fn run(a: IdleArgs) -> Result<Value, String> {
             sources.len().max(1)
         ));
     }
-    if let Some(pid) = a.server_pid
-        && procfs::rss_kb(&pid.to_string()).is_none()
+    if let Some(pid) = a
+        .server_pid
+        .iter()
+        .find(|p| procfs::rss_kb(&p.to_string()).is_none())
     {
         return Err(format!("cannot read /proc/{pid}/status"));
+    }
+    if let Some(url) = &a.publish_url {
+        publish_target(url)?;
     }
 
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -245,8 +280,8 @@ pub fn run(a: IdleArgs) -> Result<Value, String> {
 
 fn drive(a: &IdleArgs, workers: &mut [Worker]) -> Result<Value, String> {
     let p = workers.len();
-    let pid = a.server_pid;
-    let base_rss = pid.and_then(|p| procfs::rss_kb(&p.to_string()));
+    let pid = a.server_pid.as_slice();
+    let base_rss = total_rss_kb(pid);
     let mut steps = Vec::new();
     let mut connect_secs = 0.0;
     let mut connected = 0u64;
@@ -292,6 +327,22 @@ fn drive(a: &IdleArgs, workers: &mut [Worker]) -> Result<Value, String> {
             break;
         }
     }
+    let per_process_rss: Vec<Option<u64>> =
+        pid.iter().map(|p| procfs::rss_kb(&p.to_string())).collect();
+    let group_send = match (&a.publish_url, &failure) {
+        (Some(url), None) => {
+            let held = steps
+                .last()
+                .and_then(|s| s["connections"].as_u64())
+                .unwrap_or(0);
+            let g = group_send(a, url, workers, held);
+            if let Some(e) = g["error"].as_str() {
+                failure = Some(format!("group send: {e}"));
+            }
+            Some(g)
+        }
+        _ => None,
+    };
 
     for w in workers.iter_mut() {
         w.send("close")?;
@@ -302,10 +353,12 @@ fn drive(a: &IdleArgs, workers: &mut [Worker]) -> Result<Value, String> {
         clean += r.first().copied().unwrap_or(0);
         total += r.get(1).copied().unwrap_or(0);
     }
-    let after_rss = pid.and_then(|p| {
-        std::thread::sleep(Duration::from_secs(2));
-        procfs::rss_kb(&p.to_string())
-    });
+    let after_rss = (!pid.is_empty())
+        .then(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            total_rss_kb(pid)
+        })
+        .flatten();
 
     let pts: Vec<(f64, f64)> = steps
         .iter()
@@ -335,8 +388,138 @@ fn drive(a: &IdleArgs, workers: &mut [Worker]) -> Result<Value, String> {
         "closed_cleanly": clean,
         "closed_total": total,
         "server_rss_after_close_kb": after_rss,
+        "server_pids": a.server_pid,
+        "server_rss_per_process_kb": per_process_rss,
+        "group_send": group_send,
         "error": failure,
     }))
+}
+
+/// The socket address of `http://HOST:PORT/PATH` (loopback only) and its path.
+fn publish_target(url: &str) -> Result<Target, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: --publish-url must be an http:// URL"))?;
+    util::parse_ws_url(&format!("ws://{rest}"))
+}
+
+/// Nanoseconds since the Unix epoch (the clock every process on the machine shares).
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One `POST` on a keep-alive connection; the response status.
+fn post(
+    conn: &mut BufReader<std::net::TcpStream>,
+    target: &Target,
+    token: &str,
+    body: &str,
+) -> Result<u16, String> {
+    let request = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        target.path,
+        target.host,
+        body.len()
+    );
+    conn.get_mut()
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("publish: {e}"))?;
+    let mut status = 0u16;
+    let mut length = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = conn
+            .read_line(&mut line)
+            .map_err(|e| format!("publish: {e}"))?;
+        if n == 0 {
+            return Err("publish: the server closed the connection".into());
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if status == 0 {
+            status = l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+        } else if let Some((name, value)) = l.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    std::io::Read::read_exact(conn, &mut body).map_err(|e| format!("publish: {e}"))?;
+    Ok(status)
+}
+
+/// Publishes one fresh text to every room and waits until every held connection got it.
+fn group_send(a: &IdleArgs, url: &str, workers: &mut [Worker], held: u64) -> Value {
+    let mut run = || -> Result<Value, String> {
+        let target = publish_target(url)?;
+        let text = format!("canal-bench group send {:016x}", fastrand::u64(..));
+        for w in workers.iter_mut() {
+            w.send(&format!("expect {text}"))?;
+        }
+        for w in workers.iter_mut() {
+            w.reply()?;
+        }
+        let stream = std::net::TcpStream::connect(target.addr)
+            .map_err(|e| format!("publish: connect {}: {e}", target.addr))?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut conn = BufReader::new(stream);
+        let t0 = now_ns();
+        let started = Instant::now();
+        for r in 0..a.rooms {
+            let group = a.publish_group.replace("{room}", &r.to_string());
+            let body = json!({
+                "group": group,
+                "message": {"type": "chat.message", "text": text},
+            })
+            .to_string();
+            let status = post(&mut conn, &target, &a.publish_token, &body)?;
+            if status != 202 {
+                return Err(format!("publishing to {group} answered {status}"));
+            }
+        }
+        let publish_s = started.elapsed().as_secs_f64();
+        let deadline = Instant::now() + Duration::from_secs(a.publish_wait);
+        let (got, last_ns) = loop {
+            for w in workers.iter_mut() {
+                w.send("count")?;
+            }
+            let (mut got, mut last) = (0u64, 0u64);
+            for w in workers.iter_mut() {
+                let r = w.reply()?;
+                got += r.first().copied().unwrap_or(0);
+                last = last.max(r.get(1).copied().unwrap_or(0));
+            }
+            if got >= held || Instant::now() >= deadline {
+                break (got, last);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let last_arrival_s = last_ns.saturating_sub(t0) as f64 / 1e9;
+        Ok(json!({
+            "rooms": a.rooms,
+            "expected": held,
+            "reached": got,
+            "publish_s": round(publish_s, 3),
+            "reach_all_s": (got >= held).then(|| round(last_arrival_s, 3)),
+            "last_arrival_s": round(last_arrival_s, 3),
+            "error": (got < held).then(|| format!(
+                "{got} of {held} connections got it within {} s", a.publish_wait
+            )),
+        }))
+    };
+    run().unwrap_or_else(|e| json!({ "error": e }))
 }
 
 pub fn print(v: &Value) {
@@ -404,6 +587,27 @@ pub fn print(v: &Value) {
         v["server_rss_before_kb"],
         v["server_rss_after_close_kb"]
     );
+    if let Some(pids) = v["server_pids"].as_array()
+        && pids.len() > 1
+    {
+        let per: Vec<String> = pids
+            .iter()
+            .zip(v["server_rss_per_process_kb"].as_array().unwrap_or(&empty))
+            .map(|(p, r)| format!("{p}: {r} kB"))
+            .collect();
+        println!(
+            "  server RSS per process at the last step: {}",
+            per.join(", ")
+        );
+    }
+    let g = &v["group_send"];
+    if !g.is_null() {
+        println!(
+            "  group send: one message to each of {} rooms (publish took {} s); reached {} of {} \
+             connections; last arrival {} s after the first publish",
+            g["rooms"], g["publish_s"], g["reached"], g["expected"], g["last_arrival_s"]
+        );
+    }
     if let Some(e) = v["error"].as_str() {
         println!("  error: {e}");
     }
@@ -413,7 +617,37 @@ pub fn print(v: &Value) {
 
 enum Cmd {
     Grow(usize),
+    Expect(Arc<[u8]>),
+    Count,
     Close,
+}
+
+/// What a client reports into: the worker's count of held connections, and the group send
+/// check.
+struct Tallies {
+    live: Arc<AtomicUsize>,
+    expect: Arc<Expect>,
+}
+
+/// The text a `--publish-url` check waits for, and who got it.
+#[derive(Default)]
+struct Expect {
+    text: Mutex<Option<Arc<[u8]>>>,
+    got: AtomicU64,
+    last_ns: AtomicU64,
+}
+
+impl Expect {
+    fn matches(&self, payload: &[u8]) -> bool {
+        self.text
+            .lock()
+            .is_ok_and(|t| t.as_deref().is_some_and(|t| t == payload))
+    }
+
+    fn hit(&self) {
+        self.got.fetch_add(1, Relaxed);
+        self.last_ns.fetch_max(now_ns(), Relaxed);
+    }
 }
 
 pub fn worker(a: WorkerArgs) -> Result<(), String> {
@@ -426,6 +660,10 @@ pub fn worker(a: WorkerArgs) -> Result<(), String> {
             let Ok(line) = line else { break };
             let cmd = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
                 ["grow", n] => n.parse().ok().map(Cmd::Grow),
+                ["expect", ..] => line
+                    .strip_prefix("expect ")
+                    .map(|t| Cmd::Expect(t.as_bytes().into())),
+                ["count"] => Some(Cmd::Count),
                 ["close"] => Some(Cmd::Close),
                 _ => None,
             };
@@ -455,8 +693,24 @@ async fn worker_loop(
     let mut next_n = 0usize;
     let mut ever_ready = 0u64;
     let path = Arc::new(a.path.clone());
+    let expect = Arc::new(Expect::default());
     while let Some(cmd) = cmds.recv().await {
         match cmd {
+            Cmd::Expect(text) => {
+                if let Ok(mut t) = expect.text.lock() {
+                    *t = Some(text);
+                }
+                expect.got.store(0, Relaxed);
+                expect.last_ns.store(0, Relaxed);
+                println!("expecting");
+            }
+            Cmd::Count => {
+                println!(
+                    "count {} {}",
+                    expect.got.load(Relaxed),
+                    expect.last_ns.load(Relaxed)
+                );
+            }
             Cmd::Grow(target_n) => {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
                 let fail_limit = 50 + target_n as u64 / 20;
@@ -476,7 +730,10 @@ async fn worker_loop(
                             src,
                             room_path,
                             ready_tx.clone(),
-                            Arc::clone(&live),
+                            Tallies {
+                                live: Arc::clone(&live),
+                                expect: Arc::clone(&expect),
+                            },
                             shut_rx.clone(),
                         )));
                         in_flight += 1;
@@ -536,9 +793,10 @@ async fn hold(
     src: Option<IpAddr>,
     path: String,
     ready: mpsc::UnboundedSender<Option<bool>>,
-    live: Arc<AtomicUsize>,
+    tallies: Tallies,
     mut shut: watch::Receiver<bool>,
 ) -> Option<bool> {
+    let Tallies { live, expect } = tallies;
     let t = Duration::from_secs(10);
     let conn = tokio::time::timeout(t, ws::connect(target.addr, src, &target.host, &path)).await;
     let Ok(Ok(mut conn)) = conn else {
@@ -561,13 +819,20 @@ async fn hold(
     drop(msg);
     live.fetch_add(1, Relaxed);
     let _ = ready.send(Some(echoed));
+    let mut seen = false;
     loop {
         tokio::select! {
             biased;
             _ = shut.changed() => break,
             r = conn.fill() => {
+                let mut on_msg = |op: u8, p: &[u8]| {
+                    if !seen && op == OP_TEXT && expect.matches(p) {
+                        seen = true;
+                        expect.hit();
+                    }
+                };
                 let ok = matches!(r, Ok(n) if n > 0)
-                    && conn.drain(|_, _| {}).is_ok()
+                    && conn.drain(&mut on_msg).is_ok()
                     && conn.flush().await.is_ok()
                     && conn.peer_closed().is_none();
                 if !ok {

@@ -1,5 +1,10 @@
 //! The `canal` command line: `serve` (the demo app), `worker` and `send`.
 
+// In its own directory so Cargo does not take it for a binary of its own.
+#[path = "canal/supervisor.rs"]
+mod supervisor;
+
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -7,7 +12,9 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use std::sync::Arc;
 
-use canal::server::{Builtins, Inherited, OverflowPolicy, ServerConfig, adopt_fd};
+use canal::server::{
+    Builtins, Inherited, OverflowPolicy, ServerConfig, WorkerIdentity, adopt_fd, bind_reuseport,
+};
 use canal::worker::Worker;
 use canal::{Layer, LayerError, MemoryLayer, Message, RedisConfig, RedisLayer, Server, demo};
 
@@ -190,6 +197,27 @@ struct ServeArgs {
 /// Running behind a proxy or a supervisor, and the built-in routes.
 #[derive(Args, Debug)]
 struct DeployArgs {
+    /// Worker processes sharing the TCP port (SO_REUSEPORT; the kernel spreads connections
+    /// over them). With more than 1, a supervisor starts them, restarts one that dies (with a
+    /// backoff) and stops them on SIGINT/SIGTERM. Needs a shared layer (--layer
+    /// redis://HOST:PORT) so that groups span the processes; not with --unix-socket or --fd.
+    /// 1 is a single process with no supervisor
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    workers: u16,
+    /// Internal: this process is worker N of `--workers`, started by the supervisor.
+    #[arg(long, hide = true, value_name = "N")]
+    worker_index: Option<usize>,
+    /// Internal: how many times the supervisor restarted this worker's slot.
+    #[arg(long, hide = true, default_value_t = 0)]
+    worker_restarts: u32,
+    /// Internal: the address every worker binds (resolved once by the supervisor).
+    #[arg(long, hide = true, value_name = "ADDR")]
+    worker_bind: Option<SocketAddr>,
     /// Listen on this Unix socket instead of TCP (a stale socket file is replaced).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["fd"])]
     unix_socket: Option<std::path::PathBuf>,
@@ -249,6 +277,12 @@ impl DeployArgs {
         }))
     }
 
+    /// This process's identity as a worker of `--workers N`, if it is one.
+    fn worker(&self) -> Option<WorkerIdentity> {
+        self.worker_index
+            .map(|index| WorkerIdentity::new(index, self.worker_restarts))
+    }
+
     fn builtins(&self, admin_token: Option<&str>) -> Builtins {
         let publish_token = self
             .publish_token
@@ -264,6 +298,9 @@ impl DeployArgs {
         }
         if let Some(token) = admin_token {
             builtins = builtins.admin(&self.admin_path, token);
+        }
+        if let Some(worker) = self.worker() {
+            builtins = builtins.worker(worker);
         }
         builtins
     }
@@ -293,6 +330,11 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener
 }
 
 async fn bind(args: &ServeArgs) -> Result<Bound, String> {
+    if let Some(addr) = args.deploy.worker_bind {
+        return bind_reuseport(addr)
+            .map(Bound::Tcp)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"));
+    }
     if let Some(path) = &args.deploy.unix_socket {
         return bind_unix(path)
             .map(|l| Bound::Unix(l, Some(path.clone())))
@@ -339,6 +381,7 @@ fn parse_cli() -> Result<Cli, String> {
     let serve_cmd = command.find_subcommand("serve").ok_or("no serve command")?;
     let known: Vec<String> = serve_cmd
         .get_arguments()
+        .filter(|a| !a.is_hide_set())
         .map(|a| a.get_id().as_str().to_owned())
         .chain(["log_level".to_owned()])
         .collect();
@@ -551,18 +594,141 @@ async fn send(args: SendArgs) -> ExitCode {
     }
 }
 
+/// Refuses `--workers N` (N > 1) where the processes could not work as one server.
+fn check_workers(args: &ServeArgs) -> Result<(), String> {
+    let n = args.deploy.workers;
+    if args.deploy.unix_socket.is_some() || args.deploy.fd.is_some() {
+        return Err(format!(
+            "--workers {n} cannot be combined with --unix-socket or --fd: the workers share a \
+             TCP port with SO_REUSEPORT (--bind HOST:PORT); run one canal per socket instead"
+        ));
+    }
+    let spec = args.layer.layer.trim();
+    if !(spec.starts_with("redis://") || spec.starts_with("rediss://")) {
+        return Err(format!(
+            "--workers {n} needs a shared channel layer: with the in-memory layer each worker \
+             process would keep its own groups, and a message sent in a room would reach only \
+             the members connected to the same worker. Start Redis and add \
+             --layer redis://127.0.0.1:6379 (or set `layer` in the config file)"
+        ));
+    }
+    Ok(())
+}
+
+/// The first `host:port` that `--bind` resolves to, checked free: bound (not listening) and
+/// released at once, so a port already in use is reported before any worker starts, and
+/// port 0 becomes one port for every worker.
+async fn resolve_bind(bind: &str) -> Result<SocketAddr, String> {
+    let addr = tokio::net::lookup_host(bind)
+        .await
+        .map_err(|e| format!("cannot resolve {bind}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{bind} resolves to no address"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    let probe = socket
+        .and_then(|s| s.set_reuseaddr(true).map(|()| s))
+        .and_then(|s| s.bind(addr).map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    Ok(probe)
+}
+
+/// The worker's end of the supervisor's control socket: its standard input.
+fn control_socket() -> Result<tokio::net::UnixStream, String> {
+    use std::os::fd::AsFd;
+    let internal = "--worker-index is internal to `canal serve --workers N`";
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("{internal}: cannot take standard input: {e}"))?;
+    if rustix::net::sockopt::socket_domain(&fd).ok() != Some(rustix::net::AddressFamily::UNIX) {
+        return Err(format!(
+            "{internal}: its standard input must be the supervisor's socket"
+        ));
+    }
+    let std = std::os::unix::net::UnixStream::from(fd);
+    std.set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(std))
+        .map_err(|e| format!("{internal}: {e}"))
+}
+
+/// Completes when the supervisor's end of the control socket closes: the supervisor is gone.
+async fn supervisor_gone(mut control: tokio::net::UnixStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    while let Ok(n) = control.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// The startup line for a TCP address.
+struct Banner<'a> {
+    http: &'a str,
+    ws: &'a str,
+    root: &'a str,
+    layer: &'a str,
+    limit: usize,
+}
+
+impl Banner<'_> {
+    fn lines(&self, addr: &str, workers: Option<u16>, admin: Option<(&str, &str)>) -> Vec<String> {
+        let Banner {
+            http,
+            ws,
+            root,
+            layer,
+            limit,
+        } = self;
+        let scale = match workers {
+            Some(n) => format!("{n} worker processes on one port, up to {limit} connections each"),
+            None => format!("up to {limit} connections"),
+        };
+        let mut lines = vec![format!(
+            "canal serving on {http}://{addr}{root}/ (chat page), \
+             {ws}://{addr}{root}/ws/echo/ and {ws}://{addr}{root}/ws/chat/{{room}}/ \
+             — {layer}, {scale}; Ctrl-C to stop"
+        )];
+        if let Some((path, token)) = admin {
+            let admin = path.trim_end_matches('/');
+            lines.push(format!(
+                "canal dashboard on {http}://{addr}{root}{admin}/?token={token}"
+            ));
+        }
+        lines
+    }
+}
+
 async fn serve(args: ServeArgs) -> ExitCode {
-    let layer = match build_layer(&args.layer) {
-        Ok(layer) => layer,
-        Err(e) => {
-            eprintln!("canal: {e}");
-            return ExitCode::from(2);
+    let workers = args.deploy.workers;
+    if workers > 1
+        && let Err(e) = check_workers(&args)
+    {
+        eprintln!("canal: {e}");
+        return ExitCode::from(2);
+    }
+    // With --workers N the first process only supervises: the workers build the layer.
+    let supervising = workers > 1 && args.deploy.worker_index.is_none();
+    let layer = if supervising {
+        None
+    } else {
+        match build_layer(&args.layer) {
+            Ok(layer) => Some(layer),
+            Err(e) => {
+                eprintln!("canal: {e}");
+                return ExitCode::from(2);
+            }
         }
     };
-    let layer_name = if layer.is_shared() {
-        canal::layer::redact(&args.layer.layer)
-    } else {
+    let layer_name = if layer.as_ref().is_some_and(|l| !l.is_shared()) {
         "in-memory layer".to_owned()
+    } else {
+        canal::layer::redact(&args.layer.layer)
     };
     // Use every file descriptor the hard limit allows; the connection limit follows it.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -632,17 +798,34 @@ async fn serve(args: ServeArgs) -> ExitCode {
         ("http", "ws")
     };
     let admin_token = args.deploy.admin_token();
-    let mut server = match Server::new(demo::app())
-        .with_config(config)
-        .with_layer(layer)
-        .with_builtins(args.deploy.builtins(admin_token.as_deref()))
-    {
+    let limit = config.connection_limit();
+    let mut server = Server::new(demo::app()).with_config(config);
+    if let Some(layer) = layer {
+        server = server.with_layer(layer);
+    }
+    let mut server = match server.with_builtins(args.deploy.builtins(admin_token.as_deref())) {
         Ok(server) => server,
         Err(e) => {
             eprintln!("canal: {e}");
             return ExitCode::from(2);
         }
     };
+    let banner = Banner {
+        http: http_scheme,
+        ws: ws_scheme,
+        root: &root,
+        layer: &layer_name,
+        limit,
+    };
+    let admin = admin_token
+        .as_deref()
+        .map(|t| (args.deploy.admin_path.as_str(), t));
+    if supervising {
+        // The settings are valid (the server above was built from them); the workers serve.
+        drop(server);
+        return supervise(&args, &banner, admin).await;
+    }
+    let worker = args.deploy.worker();
     let bound = match bind(&args).await {
         Ok(bound) => bound,
         Err(e) => {
@@ -652,22 +835,45 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let handle = server.handle();
     let limit = handle.connection_limit();
-    let shutdown = shutdown_signal();
+    let signal = shutdown_signal();
     let result = match bound {
+        Bound::Tcp(listener) if worker.is_some() => {
+            // A worker: tell the supervisor it listens, and stop when the supervisor is gone.
+            let mut control = match control_socket() {
+                Ok(control) => control,
+                Err(e) => {
+                    eprintln!("canal: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let addr = listener
+                .local_addr()
+                .map_or(args.bind.clone(), |a| a.to_string());
+            let ready = format!("ready {addr}\n");
+            if let Err(e) =
+                tokio::io::AsyncWriteExt::write_all(&mut control, ready.as_bytes()).await
+            {
+                eprintln!("canal: cannot reach the supervisor: {e}");
+                return ExitCode::FAILURE;
+            }
+            let shutdown = async move {
+                tokio::select! {
+                    () = signal => {}
+                    () = supervisor_gone(control) => {
+                        tracing::warn!("the supervisor is gone; stopping this worker");
+                    }
+                }
+            };
+            server.serve(listener, shutdown).await
+        }
         Bound::Tcp(listener) => {
             let addr = listener
                 .local_addr()
                 .map_or(args.bind.clone(), |a| a.to_string());
-            println!(
-                "canal serving on {http_scheme}://{addr}{root}/ (chat page), \
-                 {ws_scheme}://{addr}{root}/ws/echo/ and {ws_scheme}://{addr}{root}/ws/chat/{{room}}/ \
-                 — {layer_name}, up to {limit} connections; Ctrl-C to stop"
-            );
-            if let Some(token) = &admin_token {
-                let admin = args.deploy.admin_path.trim_end_matches('/');
-                println!("canal dashboard on {http_scheme}://{addr}{root}{admin}/?token={token}");
+            for line in banner.lines(&addr, None, admin) {
+                println!("{line}");
             }
-            server.serve(listener, shutdown).await
+            server.serve(listener, signal).await
         }
         Bound::Unix(listener, path) => {
             let shown = path.as_ref().map_or_else(
@@ -682,7 +888,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 let admin = args.deploy.admin_path.trim_end_matches('/');
                 println!("canal dashboard at {root}{admin}/?token={token}");
             }
-            let result = server.serve(listener, shutdown).await;
+            let result = server.serve(listener, signal).await;
             if let Some(path) = path {
                 let _ = std::fs::remove_file(path);
             }
@@ -690,6 +896,41 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("canal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the supervisor of `--workers N`.
+async fn supervise(args: &ServeArgs, banner: &Banner<'_>, admin: Option<(&str, &str)>) -> ExitCode {
+    let bind = match resolve_bind(&args.bind).await {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("canal: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let workers = args.deploy.workers;
+    let mut env = Vec::new();
+    if let Some((_, token)) = admin {
+        // A token made up here must be the same in every worker.
+        env.push(("CANAL_ADMIN_TOKEN".to_owned(), token.to_owned()));
+    }
+    let plan = supervisor::Plan {
+        workers: usize::from(workers),
+        bind,
+        args: std::env::args_os().skip(1).collect(),
+        grace: Duration::from_secs(args.shutdown_grace),
+        env,
+        startup: banner.lines(&bind.to_string(), Some(workers), admin),
+    };
+    match supervisor::run(plan).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

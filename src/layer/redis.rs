@@ -51,6 +51,11 @@ type Popped = Option<(Vec<u8>, Vec<u8>, f64)>;
 
 /// `channels_redis`'s `brpop_timeout`: how long one blocking pop waits.
 const BLOCK_SECS: u64 = 5;
+/// Messages taken per `ZPOPMIN` when the receive loop drains a backlog: a process's key holds
+/// at most its capacity (100 by default) for all its connections together, so a loop that
+/// popped one message per round trip could fall behind a burst of group sends from other
+/// processes, and the key would refuse the rest as full.
+const DRAIN_BATCH: usize = 256;
 /// Cap of the reconnect backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Connect timeout for every Redis connection.
@@ -637,16 +642,43 @@ async fn receive_loop(inner: Weak<Inner>, index: usize) {
             let Some(strong) = inner.upgrade() else {
                 return;
             };
-            match popped {
-                Ok(Some((_key, member, score))) => strong.demultiplex(&member, score),
-                Ok(None) => {}
-                Err(e) => {
-                    strong.shards_up.fetch_sub(1, Ordering::Relaxed);
-                    tracing::warn!(redis = %label, error = %e, "Redis connection lost; reconnecting");
-                    down_logged = true;
-                    break;
+            // After a blocking pop, whatever else is waiting is taken in batches.
+            let popped = match popped {
+                Ok(Some((_key, member, score))) => {
+                    strong.demultiplex(&member, score);
+                    drain_backlog(&strong, &mut conn, &key).await
                 }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = popped {
+                strong.shards_up.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(redis = %label, error = %e, "Redis connection lost; reconnecting");
+                down_logged = true;
+                break;
             }
+        }
+    }
+}
+
+/// Takes what waits in this process's key, [`DRAIN_BATCH`] messages per round trip, oldest
+/// (lowest score) first, until a batch comes back short.
+async fn drain_backlog(
+    inner: &Inner,
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> redis::RedisResult<()> {
+    loop {
+        let batch: Vec<(Vec<u8>, f64)> = redis::cmd("ZPOPMIN")
+            .arg(key)
+            .arg(DRAIN_BATCH)
+            .query_async(conn)
+            .await?;
+        for (member, score) in &batch {
+            inner.demultiplex(member, *score);
+        }
+        if batch.len() < DRAIN_BATCH {
+            return Ok(());
         }
     }
 }

@@ -45,6 +45,33 @@ pub struct Builtins {
     /// Token the dashboard requires (`?token=` or `Authorization: Bearer`); needed when the
     /// dashboard is on.
     pub admin_token: Option<String>,
+    /// Which worker process of `canal serve --workers N` this server is: `/metrics` then
+    /// says so (`canal_worker_info`), and every built-in route answers with an
+    /// `X-Canal-Worker` header. `None` (the default): a single process, nothing added.
+    pub worker: Option<WorkerIdentity>,
+}
+
+/// Who a worker process is, as the built-in routes report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerIdentity {
+    /// The worker's slot, 1 to N; a restarted worker keeps its slot.
+    pub index: usize,
+    /// How many times the supervisor restarted this slot before this process.
+    pub restarts: u32,
+    /// This process's id.
+    pub pid: u32,
+}
+
+impl WorkerIdentity {
+    /// The identity of this process as worker `index` after `restarts` restarts.
+    pub fn new(index: usize, restarts: u32) -> Self {
+        WorkerIdentity {
+            index,
+            restarts,
+            pid: std::process::id(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Builtins {
@@ -56,6 +83,7 @@ impl std::fmt::Debug for Builtins {
             .field("publish_token", &self.publish_token.as_ref().map(|_| "…"))
             .field("admin", &self.admin)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "…"))
+            .field("worker", &self.worker)
             .finish()
     }
 }
@@ -69,6 +97,7 @@ impl Default for Builtins {
             publish_token: None,
             admin: None,
             admin_token: None,
+            worker: None,
         }
     }
 }
@@ -83,7 +112,14 @@ impl Builtins {
             publish_token: None,
             admin: None,
             admin_token: None,
+            worker: None,
         }
+    }
+
+    /// Marks this server as worker process `worker` of several sharing one port.
+    pub fn worker(mut self, worker: WorkerIdentity) -> Self {
+        self.worker = Some(worker);
+        self
     }
 
     /// Moves (`Some(path)`) or switches off (`None`) the metrics endpoint.
@@ -148,6 +184,8 @@ pub(crate) struct Mounted {
     routes: HashMap<String, Builtin>,
     publish_token: Option<Box<[u8]>>,
     admin_token: Option<Box<[u8]>>,
+    /// The worker identity and its `X-Canal-Worker` header value, with `--workers N`.
+    worker: Option<(WorkerIdentity, HeaderValue)>,
 }
 
 impl Mounted {
@@ -260,10 +298,14 @@ pub(crate) fn mount(app: &App, builtins: &Builtins) -> Result<Mounted, ServerErr
             });
         }
     }
+    let worker = builtins
+        .worker
+        .map(|w| (w, HeaderValue::from(w.index as u64)));
     Ok(Mounted {
         routes,
         publish_token: token,
         admin_token,
+        worker,
     })
 }
 
@@ -289,8 +331,23 @@ fn method_not_allowed(allow: &'static str) -> hyper::Response<Body> {
     resp
 }
 
+/// The header that names the worker process which answered (with `--workers N`).
+const WORKER_HEADER: &str = "x-canal-worker";
+
 /// Answers a request for a built-in route.
 pub(crate) async fn serve(
+    shared: &Arc<Shared>,
+    builtin: Builtin,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Body> {
+    let mut resp = answer(shared, builtin, req).await;
+    if let Some((_, value)) = &shared.builtins.worker {
+        resp.headers_mut().insert(WORKER_HEADER, value.clone());
+    }
+    resp
+}
+
+async fn answer(
     shared: &Arc<Shared>,
     builtin: Builtin,
     req: hyper::Request<Incoming>,
@@ -589,6 +646,21 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
     let s: ServerStats = handle.stats();
     let l: LayerStats = handle.layer().stats();
     let mut out = Exposition(String::with_capacity(8 * 1024));
+    if let Some((w, _)) = &handle.shared().builtins.worker {
+        let (index, pid) = (w.index.to_string(), w.pid.to_string());
+        out.family(
+            "canal_worker_info",
+            "gauge",
+            "Which worker process of `canal serve --workers N` answered (always 1).",
+        );
+        out.sample("canal_worker_info", &[("worker", &index), ("pid", &pid)], 1);
+        out.family(
+            "canal_worker_restarts",
+            "gauge",
+            "Times the supervisor restarted this worker slot before this process started.",
+        );
+        out.sample("canal_worker_restarts", &[("worker", &index)], w.restarts);
+    }
     out.single(
         "canal_connections",
         "gauge",

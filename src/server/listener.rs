@@ -161,3 +161,21 @@ pub fn adopt_fd(fd: i32) -> Result<Inherited, AdoptError> {
         Err(AdoptError::Family { fd })
     }
 }
+
+/// Binds a TCP listener on `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`), so several
+/// processes can listen on the same address and the kernel spreads new connections over them
+/// by a hash of each connection's addresses and ports (`canal serve --workers N`). Only
+/// processes of the same user may share a port this way. Must be called inside a Tokio
+/// runtime.
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    // Each process has its own accept queue; the kernel caps this at `net.core.somaxconn`.
+    socket.listen(4096)
+}

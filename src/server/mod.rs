@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use builtins::Builtins;
+pub use builtins::{Builtins, WorkerIdentity};
 pub(crate) use http::{accept_key as http_accept_key, check_headers as http_check_headers};
 
 /// The proxy-header resolution, for the property harness.
@@ -41,7 +41,7 @@ pub(crate) fn proxy_resolve(
     proxy::resolve(trusted, peer, headers, false)
 }
 pub use config::{OverflowPolicy, ServerConfig};
-pub use listener::{AdoptError, Inherited, Listener, adopt_fd};
+pub use listener::{AdoptError, Inherited, Listener, adopt_fd, bind_reuseport};
 pub use stats::{
     BUILTIN_MESSAGE_TYPES, HandshakeFailure, Histogram, LATENCY_BUCKETS, LayerOp, OTHER_TYPE,
     ServerStats,
