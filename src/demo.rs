@@ -43,9 +43,7 @@ pub struct ChatRoom {
 
 impl WebsocketConsumer for ChatRoom {
     /// A room message goes to each member's socket as it is, without a handler run.
-    fn fastlane() -> &'static [&'static str] {
-        &["chat.message"]
-    }
+    const FASTLANE: &'static [&'static str] = &["chat.message"];
 
     fn check(scope: &Scope) -> std::result::Result<(), Rejection> {
         let room = scope

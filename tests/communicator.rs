@@ -112,9 +112,7 @@ async fn two_clients_share_a_room() {
 struct FastRoom;
 
 impl WebsocketConsumer for FastRoom {
-    fn fastlane() -> &'static [&'static str] {
-        &["chat.message"]
-    }
+    const FASTLANE: &'static [&'static str] = &["chat.message"];
 
     async fn connect(&mut self, cx: &mut Context) -> canal::Result<()> {
         cx.group_add("fast").await?;

@@ -209,6 +209,12 @@ struct DeployArgs {
         value_parser = clap::value_parser!(u16).range(1..=256)
     )]
     workers: u16,
+    /// Threads of the async runtime. 1 runs every connection on one thread with a strictly
+    /// first-in, first-out scheduler, which keeps a large room fair: each member gets its turn
+    /// before any member gets a second one. Default: the CPUs this process may run on (1 under
+    /// `taskset -c 0`), and 1 in each worker of --workers
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     /// Internal: this process is worker N of `--workers`, started by the supervisor.
     #[arg(long, hide = true, value_name = "N")]
     worker_index: Option<usize>,
@@ -445,10 +451,14 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli.command {
+        Command::Serve(args) => args.deploy.threads.map(usize::from).or_else(|| {
+            // Each worker of --workers is one process per core: one thread each.
+            args.deploy.worker_index.map(|_| 1)
+        }),
+        _ => None,
+    };
+    let runtime = match build_runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("canal: cannot start the runtime: {e}");
@@ -459,6 +469,30 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Worker(args) => runtime.block_on(worker(args)),
         Command::Send(args) => runtime.block_on(send(args)),
+    }
+}
+
+/// The async runtime: single-threaded (tokio's current-thread scheduler) for one thread,
+/// multi-threaded otherwise.
+///
+/// Measured on a 1,000-member room (docs/BENCHMARKS.md): with one CPU, the multi-thread
+/// scheduler puts a group send's 1,000 wake-ups partly in a 256-slot local queue and a LIFO
+/// slot, and the rest in a global queue it visits rarely, so some members starve until their
+/// mailboxes overflow (`channel_full` drops at 1,600 msg/s); the current-thread scheduler runs
+/// them in wake order and stays clean at the same rate for the same CPU per delivery.
+fn build_runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     }
 }
 

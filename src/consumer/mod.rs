@@ -102,8 +102,8 @@ pub trait WebsocketConsumer: Send + 'static {
     /// push and a share of one socket write instead of a handler run.
     ///
     /// Use it for types whose handler would only forward the content; a type listed here never
-    /// reaches `event`. Messages that arrive before the connection is accepted are dropped, as
-    /// sends before accept are.
+    /// reaches `event`. One that arrives before the connection is accepted is held and sent
+    /// right after the accept.
     ///
     /// ```
     /// use canal::prelude::*;
@@ -112,17 +112,10 @@ pub trait WebsocketConsumer: Send + 'static {
     /// struct Room;
     ///
     /// impl WebsocketConsumer for Room {
-    ///     fn fastlane() -> &'static [&'static str] {
-    ///         &["chat.message"]
-    ///     }
+    ///     const FASTLANE: &'static [&'static str] = &["chat.message"];
     /// }
     /// ```
-    fn fastlane() -> &'static [&'static str]
-    where
-        Self: Sized,
-    {
-        &[]
-    }
+    const FASTLANE: &'static [&'static str] = &[];
 
     /// Groups joined before [`connect`](Self::connect) and left after
     /// [`disconnect`](Self::disconnect) (Channels' `groups` attribute).
@@ -241,7 +234,8 @@ impl<C: WebsocketConsumer> DynConsumer for Driver<C> {
 pub(crate) trait Factory: Send + Sync {
     fn check(&self, scope: &Scope) -> std::result::Result<(), Rejection>;
     fn make(&self, cx: Context) -> Box<dyn DynConsumer>;
-    fn fastlane(&self) -> &'static [&'static str];
+    /// The consumer's [`WebsocketConsumer::FASTLANE`], behind one thin pointer.
+    fn fastlane(&self) -> &'static &'static [&'static str];
 }
 
 struct FnFactory<F>(F);
@@ -262,8 +256,8 @@ where
         })
     }
 
-    fn fastlane(&self) -> &'static [&'static str] {
-        C::fastlane()
+    fn fastlane(&self) -> &'static &'static [&'static str] {
+        const { &C::FASTLANE }
     }
 }
 

@@ -126,10 +126,11 @@ pub(crate) struct Conn {
     decision: Option<Box<Decision>>,
     /// Whether this connection's messages count in the server's totals.
     metered: bool,
-    /// Layer message types written straight to the socket ([`WebsocketConsumer::fastlane`]).
+    /// Layer message types written straight to the socket ([`WebsocketConsumer::FASTLANE`];
+    /// a thin pointer, as this struct is per connection).
     ///
-    /// [`WebsocketConsumer::fastlane`]: crate::consumer::WebsocketConsumer::fastlane
-    fastlane: &'static [&'static str],
+    /// [`WebsocketConsumer::FASTLANE`]: crate::consumer::WebsocketConsumer::FASTLANE
+    fastlane: &'static &'static [&'static str],
 }
 
 /// What ended a handler run.
@@ -148,7 +149,7 @@ impl Conn {
         inbox: Inbox,
         consumer: Box<dyn DynConsumer>,
         metered: bool,
-        fastlane: &'static [&'static str],
+        fastlane: &'static &'static [&'static str],
     ) -> Conn {
         let limits = Limits {
             max_frame_size: shared.config.max_frame_size,
@@ -457,7 +458,7 @@ impl Conn {
         if self.fastlane.is_empty() || self.pending.is_empty() {
             return;
         }
-        let fastlane = self.fastlane;
+        let fastlane: &[&str] = self.fastlane;
         let held: Vec<Message> = self
             .pending
             .iter()
