@@ -36,10 +36,11 @@ impl WebsocketConsumer for Echo {
 }
 
 /// A chat room: every message goes to everyone in the room, verbatim.
+///
+/// It keeps no state of its own: the room is the route's `{room}` parameter, read from the
+/// scope when needed, so an idle member costs only what its connection costs.
 #[derive(Debug, Default)]
-pub struct ChatRoom {
-    room: String,
-}
+pub struct ChatRoom;
 
 impl WebsocketConsumer for ChatRoom {
     /// A room message goes to each member's socket as it is, without a handler run.
@@ -54,9 +55,9 @@ impl WebsocketConsumer for ChatRoom {
     }
 
     async fn connect(&mut self, cx: &mut Context) -> Result<()> {
-        self.room = cx.scope().param("room")?.to_owned();
+        let room = cx.scope().param("room")?;
         // With the backend down the membership is still recorded and re-added when it returns.
-        tolerate_outage(cx.group_add(&self.room).await)?;
+        tolerate_outage(cx.group_add(room).await)?;
         cx.accept().await
     }
 
@@ -66,14 +67,12 @@ impl WebsocketConsumer for ChatRoom {
             Frame::Binary(bytes) => msg! { "type": "chat.message", "bytes": bytes },
         };
         // A backend outage loses this message (counted by the layer), not the connection.
-        tolerate_outage(cx.group_send(&self.room, message).await)
+        tolerate_outage(cx.group_send(cx.scope().param("room")?, message).await)
     }
 
     async fn disconnect(&mut self, cx: &mut Context, _code: u16) -> Result<()> {
-        if !self.room.is_empty() {
-            tolerate_outage(cx.group_discard(&self.room).await)?;
-        }
-        Ok(())
+        // Runs only after connect, which joined the room.
+        tolerate_outage(cx.group_discard(cx.scope().param("room")?).await)
     }
 }
 

@@ -47,7 +47,9 @@ pub struct Context {
     pub(crate) id: u64,
     pub(crate) scope: Arc<Scope>,
     pub(crate) layer: Layer,
-    pub(crate) tasks: Vec<AbortHandle>,
+    /// Tasks from [`spawn`](Self::spawn); boxed, as most consumers spawn none.
+    #[allow(clippy::box_collection, reason = "one pointer per connection instead of three")]
+    pub(crate) tasks: Option<Box<Vec<AbortHandle>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -193,15 +195,16 @@ impl Context {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.tasks.retain(|t| !t.is_finished());
+        let tasks = self.tasks.get_or_insert_with(Box::default);
+        tasks.retain(|t| !t.is_finished());
         // Timed by the server's watchdog; the layer stays reachable for seed-style calls.
         let task =
             crate::server::watchdog::watched(crate::seed::with_layer(self.layer.clone(), task));
-        self.tasks.push(tokio::spawn(task).abort_handle());
+        tasks.push(tokio::spawn(task).abort_handle());
     }
 
     pub(crate) fn abort_tasks(&mut self) {
-        for task in self.tasks.drain(..) {
+        for task in self.tasks.take().into_iter().flat_map(|t| t.into_iter()) {
             task.abort();
         }
     }

@@ -101,7 +101,7 @@ pub(crate) struct Conn {
     scope: Arc<Scope>,
     inbox: Inbox,
     slot: Slot,
-    pending: VecDeque<Event>,
+    pending: Backlog,
     decoder: Decoder,
     out: Option<Box<WriteQueue>>,
     phase: Phase,
@@ -133,6 +133,54 @@ pub(crate) struct Conn {
     fastlane: &'static &'static [&'static str],
 }
 
+/// Events waiting for the consumer. Most connections never queue one (an event for an idle
+/// consumer starts its handler at once), so the queue is boxed and exists only while a
+/// backlog does: an idle connection holds one null pointer here.
+#[derive(Default)]
+#[allow(clippy::box_collection, reason = "one pointer per connection instead of four")]
+struct Backlog(Option<Box<VecDeque<Event>>>);
+
+impl Backlog {
+    fn push_back(&mut self, event: Event) {
+        self.0.get_or_insert_with(Box::default).push_back(event);
+    }
+
+    /// The next event; the queue is freed with the last one.
+    fn pop_front(&mut self) -> Option<Event> {
+        let queue = self.0.as_mut()?;
+        let event = queue.pop_front();
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        event
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Event> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Event) -> bool) {
+        if let Some(queue) = self.0.as_mut() {
+            queue.retain(keep);
+            if queue.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
 /// What ended a handler run.
 enum HandlerOutcome {
     Ok,
@@ -160,7 +208,7 @@ impl Conn {
             scope,
             inbox,
             slot: Slot::Idle(consumer),
-            pending: VecDeque::new(),
+            pending: Backlog::default(),
             decoder: Decoder::new(limits),
             out: None,
             phase: Phase::Open,
@@ -447,9 +495,19 @@ impl Conn {
             }
             _ => {
                 if self.phase == Phase::Open {
-                    self.pending.push_back(Event::Layer(message));
+                    self.queue_event(Event::Layer(message));
                 }
             }
+        }
+    }
+
+    /// Hands an event to the consumer: at once when it is idle and nothing waits before it (no
+    /// queue is allocated for the usual one-at-a-time traffic), else behind the others.
+    fn queue_event(&mut self, event: Event) {
+        if self.accepted && self.pending.is_empty() && matches!(self.slot, Slot::Idle(_)) {
+            self.start_handler(event);
+        } else {
+            self.pending.push_back(event);
         }
     }
 
@@ -852,7 +910,7 @@ impl Conn {
                     self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                 }
                 if self.phase == Phase::Open {
-                    self.pending.push_back(Event::Frame(Frame::Text(text)));
+                    self.queue_event(Event::Frame(Frame::Text(text)));
                 }
             }
             Incoming::Binary(bytes) => {
@@ -860,7 +918,7 @@ impl Conn {
                     self.shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                 }
                 if self.phase == Phase::Open {
-                    self.pending.push_back(Event::Frame(Frame::Binary(bytes)));
+                    self.queue_event(Event::Frame(Frame::Binary(bytes)));
                 }
             }
             Incoming::Ping(payload) => {
@@ -1177,12 +1235,22 @@ pub(crate) fn fmt_peer(peer: Option<std::net::SocketAddr>) -> String {
 /// idle connection's task is no bigger than that (a compiler-built `async fn` state machine
 /// would also keep room for every other phase).
 pub(crate) struct OpenTask<S> {
-    conn: Option<Conn>,
-    io: Option<S>,
-    joined: Vec<String>,
+    state: TaskState<S>,
+    /// Held until the cleanup is done: the connection counts against the limits until then.
     guard: Option<crate::server::ConnGuard>,
+}
+
+/// The open loop, then the cleanup; one or the other, so the task is sized to the larger.
+enum TaskState<S> {
+    Open {
+        conn: Conn,
+        io: S,
+        /// Groups from the consumer's `groups()`, left after `disconnect`.
+        joined: Vec<String>,
+    },
     /// Shutdown of the socket and the consumer's cleanup, once the socket is done.
-    tail: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    Tail(Pin<Box<dyn Future<Output = ()> + Send>>),
+    Done,
 }
 
 impl<S> OpenTask<S> {
@@ -1194,18 +1262,15 @@ impl<S> OpenTask<S> {
     ) -> Self {
         conn.mark_open();
         OpenTask {
-            conn: Some(conn),
-            io: Some(io),
-            joined,
+            state: TaskState::Open { conn, io, joined },
             guard,
-            tail: None,
         }
     }
 }
 
 impl<S> Drop for OpenTask<S> {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.as_mut() {
+        if let TaskState::Open { conn, .. } = &mut self.state {
             conn.release_memory();
         }
     }
@@ -1216,10 +1281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
         let this = self.get_mut();
-        if this.tail.is_none() {
-            let (Some(conn), Some(io)) = (this.conn.as_mut(), this.io.as_mut()) else {
-                return Poll::Ready(());
-            };
+        if let TaskState::Open { conn, io, .. } = &mut this.state {
             if conn.poll_open(cx, io).is_pending() {
                 if conn.account_memory() {
                     cx.waker().wake_by_ref();
@@ -1227,11 +1289,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
                 return Poll::Pending;
             }
             conn.release_memory();
-            let (Some(conn), Some(mut io)) = (this.conn.take(), this.io.take()) else {
+            let TaskState::Open {
+                conn,
+                mut io,
+                joined,
+            } = std::mem::replace(&mut this.state, TaskState::Done)
+            else {
                 return Poll::Ready(());
             };
-            let joined = std::mem::take(&mut this.joined);
-            this.tail = Some(Box::pin(async move {
+            this.state = TaskState::Tail(Box::pin(async move {
                 // Best effort: tell the peer we are done writing.
                 let _ = tokio::time::timeout(
                     Duration::from_millis(100),
@@ -1247,17 +1313,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
                     .fetch_add(1, Ordering::Relaxed);
             }));
         }
-        match this.tail.as_mut() {
-            Some(tail) => {
-                if tail.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                this.tail = None;
-                this.guard = None;
-                Poll::Ready(())
-            }
-            None => Poll::Ready(()),
+        if let TaskState::Tail(tail) = &mut this.state
+            && tail.as_mut().poll(cx).is_pending()
+        {
+            return Poll::Pending;
         }
+        this.state = TaskState::Done;
+        this.guard = None;
+        Poll::Ready(())
     }
 }
 
