@@ -729,6 +729,45 @@ async fn canal_send_from_the_shell() {
         !String::from_utf8_lossy(&out.stderr).contains("hunter2"),
         "passwords never printed"
     );
+
+    // --capacity and --channel-capacity (Channels' capacity and channel_capacity): a channel
+    // matching the pattern holds 2 messages, the third send is refused.
+    let capped = |channel: &str| {
+        vec![
+            "send".to_owned(),
+            "--layer".to_owned(),
+            r.url(),
+            "--capacity".to_owned(),
+            "1".to_owned(),
+            "--channel-capacity".to_owned(),
+            "capped.*=2".to_owned(),
+            channel.to_owned(),
+            r#"{"type":"t"}"#.to_owned(),
+        ]
+    };
+    for _ in 0..2 {
+        let out = run(capped("capped.jobs")).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(capped("capped.jobs")).await;
+    assert!(!out.status.success(), "the third message must not fit");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("full"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Other channels get --capacity 1.
+    assert!(run(capped("other.jobs")).await.status.success());
+    assert!(!run(capped("other.jobs")).await.status.success());
+    let mut bad = capped("x");
+    bad[6] = "capped.*".to_owned();
+    let out = run(bad).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PATTERN=N"));
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use std::sync::Arc;
 
+use canal::layer::{CapacityRule, LayerConfig};
 use canal::server::{
     Builtins, Inherited, OverflowPolicy, ServerConfig, WorkerIdentity, adopt_fd, bind_reuseport,
 };
@@ -59,6 +60,40 @@ struct LayerOpts {
         hide_env_values = true
     )]
     redis_keys: Vec<String>,
+    /// Messages a channel holds before a send to it fails with ChannelFull and group sends
+    /// skip it (Channels' `capacity`).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    capacity: usize,
+    /// Capacity for channels whose name matches a glob pattern, as `PATTERN=N` (Channels'
+    /// `channel_capacity`; a pattern starting with `^` is a regular expression). Repeatable; the
+    /// first match wins. With Redis, `specific.*=1000` gives each process's shared key room for a
+    /// burst of group sends from other processes.
+    #[arg(long, value_name = "PATTERN=N")]
+    channel_capacity: Vec<String>,
+}
+
+impl LayerOpts {
+    /// The capacity settings as a layer configuration.
+    fn layer_config(&self) -> Result<LayerConfig, String> {
+        let mut config = LayerConfig::default().with_capacity(self.capacity);
+        for spec in &self.channel_capacity {
+            let (pattern, n) = spec.rsplit_once('=').ok_or_else(|| {
+                format!("--channel-capacity {spec:?}: expected PATTERN=N, e.g. 'specific.*=1000'")
+            })?;
+            let n: usize = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("--channel-capacity {spec:?}: {n:?} is not a count"))?;
+            let rule = if pattern.starts_with('^') {
+                CapacityRule::regex(pattern, n)
+            } else {
+                CapacityRule::glob(pattern, n)
+            }
+            .map_err(|e| format!("--channel-capacity {spec:?}: {e}"))?;
+            config = config.with_channel_capacity(rule);
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -500,10 +535,11 @@ fn build_runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runt
 fn build_layer(opts: &LayerOpts) -> Result<Layer, String> {
     let spec = opts.layer.trim();
     if spec == "memory://" || spec == "memory" {
-        return Ok(Arc::new(MemoryLayer::default()));
+        return Ok(Arc::new(MemoryLayer::new(opts.layer_config()?)));
     }
     if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         let mut config = RedisConfig::from_urls(spec);
+        config.layer = opts.layer_config()?;
         config.prefix = opts.redis_prefix.clone();
         config.symmetric_encryption_keys = opts
             .redis_keys
