@@ -48,7 +48,10 @@ pub struct Context {
     pub(crate) scope: Arc<Scope>,
     pub(crate) layer: Layer,
     /// Tasks from [`spawn`](Self::spawn); boxed, as most consumers spawn none.
-    #[allow(clippy::box_collection, reason = "one pointer per connection instead of three")]
+    #[allow(
+        clippy::box_collection,
+        reason = "one pointer per connection instead of three"
+    )]
     pub(crate) tasks: Option<Box<Vec<AbortHandle>>>,
 }
 
