@@ -3,6 +3,7 @@
 #
 #   scripts/bench-workers.sh [--quick] [--append-docs] [--workers N] [--connections N]
 #                            [--rooms N] [--clients N] [--sources A-B] [--concurrency N]
+#                            [--canal-arg ARG]...   (passed to `canal serve`, listed in the report)
 #
 # Default: 6 worker processes, 100,000 connections in 1,000 rooms (`/ws/chat/room-{i % 1000}/`),
 # held by 8 canal-bench client processes (12,500 sockets each: the cap here is 20,000 open files
@@ -30,6 +31,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 CMDLINE="scripts/bench-workers.sh $*"
+EXTRA=()
 WORKERS=6 CONNS=100000 ROOMS=1000 CLIENTS=8 SOURCES=127.0.0.2-9 CONCURRENCY=16 APPEND=0 QUICK=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --clients) CLIENTS=$2; shift ;;
     --sources) SOURCES=$2; shift ;;
     --concurrency) CONCURRENCY=$2; shift ;;
+    --canal-arg) EXTRA+=("$2"); shift ;;
     *) echo "bench-workers.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -80,7 +83,7 @@ redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start" >&2
 PORT=$(free_port)
 TOKEN=bench-$RANDOM$RANDOM
 taskset -c 0 "$CANAL" serve --workers "$WORKERS" --layer "redis://127.0.0.1:$RPORT" \
-  --bind "127.0.0.1:$PORT" --publish-token "$TOKEN" >"$RUN_DIR/canal.log" 2>&1 &
+  --bind "127.0.0.1:$PORT" --publish-token "$TOKEN" ${EXTRA[@]+"${EXTRA[@]}"} >"$RUN_DIR/canal.log" 2>&1 &
 SUP=$!
 for _ in $(seq 1 300); do
   grep -q "canal serving" "$RUN_DIR/canal.log" && break
@@ -118,7 +121,7 @@ W1=$(cpu_ticks "${PID_LIST[@]}") R1=$(cpu_ticks "$RPID") T1=$(date +%s.%N)
 scrape_all after
 STILL=$(pgrep -P "$SUP" | paste -sd, -)
 
-python3 - "$RUN_DIR" "$WORKERS" "$PIDS" "$STILL" "$((W1 - W0))" "$((R1 - R0))" "$(getconf CLK_TCK)" \
+CANAL_EXTRA_ARGS="${EXTRA[*]-}" python3 - "$RUN_DIR" "$WORKERS" "$PIDS" "$STILL" "$((W1 - W0))" "$((R1 - R0))" "$(getconf CLK_TCK)" \
   "$(echo "$T1 - $T0" | awk '{print $1 - $3}')" "$CMDLINE" "$SOURCES" "$CLIENTS" "$CONCURRENCY" \
   >"$RUN_DIR/report.md" <<'PY'
 import glob, json, os, re, subprocess, sys
@@ -166,7 +169,7 @@ print(f"Command: `{cmd}`; {date}, canal {rev}.")
 print()
 print(f"- machine: {os.cpu_count()} CPUs ({model.group(1) if model else '?'}), {mem:.1f} GiB, Linux {os.uname().release}, open files per process 20,000 (hard cap)")
 print(f"- pinning: the supervisor, its {workers} workers and redis-server share CPU 0 (`taskset -c 0`); canal-bench and its {clients} client processes share CPU 1")
-print(f"- canal: `serve --workers {workers} --layer redis://127.0.0.1:PORT --bind 127.0.0.1:PORT --publish-token …`, otherwise shipped defaults (access log on, to a file); a private redis-server (no persistence)")
+print(f"- canal: `serve --workers {workers} --layer redis://127.0.0.1:PORT --bind 127.0.0.1:PORT --publish-token …{(' ' + os.environ['CANAL_EXTRA_ARGS']) if os.environ.get('CANAL_EXTRA_ARGS') else ''}`, otherwise shipped defaults (access log on, to a file); a private redis-server (no persistence)")
 print(f"- load: `canal-bench idle --rooms {v.get('rooms')} --processes {clients} --sources {sources} --concurrency {conc} --publish-url …`: each client joins `/ws/chat/room-{{i % rooms}}/`, sends one message and counts as connected once that message came back through its room")
 print()
 print("| connections | workers' RSS, sum (kB) | connect s | connections/s | failed | no echo | dropped while held |")
