@@ -51,7 +51,7 @@ const MAX_IOVECS: usize = 64;
 /// so one flooding sender cannot overflow it within a round of the scheduler. It is also the
 /// most a member gets to write per round from that sender; measured on a 1,000-member room,
 /// 16 capped the batches and the room's rate at about half of what 64 sustains.
-const EVENTS_PER_POLL: u32 = 64;
+const EVENTS_PER_POLL: u8 = 64;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
@@ -203,6 +203,8 @@ pub(crate) struct Conn {
     decision: Option<Box<Decision>>,
     /// Whether this connection's messages count in the server's totals.
     metered: bool,
+    /// Handler runs started in the current poll (at most [`EVENTS_PER_POLL`]).
+    handled: u8,
     /// Layer message types written straight to the socket ([`WebsocketConsumer::FASTLANE`];
     /// a thin pointer, as this struct is per connection).
     ///
@@ -305,6 +307,7 @@ impl Conn {
             decision: None,
             metered,
             fastlane,
+            handled: 0,
         }
     }
 
@@ -584,7 +587,12 @@ impl Conn {
     /// Hands an event to the consumer: at once when it is idle and nothing waits before it (no
     /// queue is allocated for the usual one-at-a-time traffic), else behind the others.
     fn queue_event(&mut self, event: Event) {
-        if self.accepted && self.pending.is_empty() && matches!(self.slot, Slot::Idle(_)) {
+        if self.accepted
+            && self.pending.is_empty()
+            && matches!(self.slot, Slot::Idle(_))
+            && self.handled < EVENTS_PER_POLL
+        {
+            self.handled += 1;
             self.start_handler(event);
         } else {
             self.pending.push_back(event);
@@ -1126,7 +1134,7 @@ impl Conn {
         io: &mut S,
     ) -> Poll<()> {
         self.inbox.mailbox().register(cx);
-        let mut handled = 0;
+        self.handled = 0;
         let mut yielding = false;
         loop {
             // Pushes while this poll runs (the handler's own sends, a group send from this
@@ -1174,10 +1182,10 @@ impl Conn {
                 && matches!(self.slot, Slot::Idle(_))
                 && !self.pending.is_empty()
             {
-                if handled < EVENTS_PER_POLL
+                if self.handled < EVENTS_PER_POLL
                     && let Some(event) = self.pending.pop_front()
                 {
-                    handled += 1;
+                    self.handled += 1;
                     self.start_handler(event);
                     continue;
                 }
