@@ -965,6 +965,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
             result
         }
     };
+    stopped(result)
+}
+
+/// The exit of a server or a supervisor: 0 after a clean stop, 1 with the reason otherwise.
+fn stopped<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
     match result {
         Ok(()) => {
             tracing::info!("stopped");
@@ -1000,16 +1005,7 @@ async fn supervise(args: &ServeArgs, banner: &Banner<'_>, admin: Option<(&str, &
         env,
         startup: banner.lines(&bind.to_string(), Some(workers), admin),
     };
-    match supervisor::run(plan).await {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("canal: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    stopped(supervisor::run(plan).await)
 }
 
 /// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, so a
