@@ -169,11 +169,6 @@ impl Mailbox {
         true
     }
 
-    /// Takes every queued command (with its buffer).
-    pub(crate) fn take_commands(&self) -> Vec<Command> {
-        std::mem::take(&mut self.queue.lock().commands)
-    }
-
     /// The owner starts a poll in which it will call [`end_poll`](Self::end_poll) before it
     /// sleeps: pushes meanwhile skip the wake.
     pub(crate) fn begin_poll(&self) {

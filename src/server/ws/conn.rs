@@ -249,10 +249,6 @@ impl Backlog {
         self.0 = None;
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Event> {
-        self.0.iter().flat_map(|q| q.iter())
-    }
-
     fn retain(&mut self, keep: impl FnMut(&Event) -> bool) {
         if let Some(queue) = self.0.as_mut() {
             queue.retain(keep);
@@ -463,10 +459,7 @@ impl Conn {
                     return Some(Decision::Reject(500, HandshakeFailure::Error));
                 }
             }
-            self.absorb_mailbox();
-            for command in self.inbox.mailbox().take_commands() {
-                self.apply_command(command);
-            }
+            self.absorb_all();
             if let Some(decision) = self.decision.take() {
                 return Some(*decision);
             }
@@ -482,18 +475,8 @@ impl Conn {
         }
     }
 
-    /// Moves layer messages from the inbox: socket commands are applied, the rest queue up as
-    /// events for the consumer.
-    fn absorb_mailbox(&mut self) {
-        let now = self.now_ms();
-        let (messages, expired) = self.inbox.mailbox().drain(now);
-        self.count_expired(expired);
-        for env in messages {
-            self.apply_message(env.message);
-        }
-    }
-
-    /// Takes layer messages and socket commands under one lock and applies them. True when
+    /// Takes layer messages and socket commands under one lock and applies them (socket
+    /// commands act on the socket, the rest queue up as events for the consumer). True when
     /// there was anything.
     fn absorb_all(&mut self) -> bool {
         let taken = self.inbox.mailbox().take_all(self.now_ms());
@@ -605,19 +588,14 @@ impl Conn {
             return;
         }
         let fastlane: &[&str] = self.fastlane;
-        let held: Vec<Message> = self
-            .pending
-            .iter()
-            .filter_map(|e| match e {
-                Event::Layer(m) if m.kind().is_some_and(|k| fastlane.contains(&k)) => {
-                    Some(m.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        self.pending.retain(
-            |e| !matches!(e, Event::Layer(m) if m.kind().is_some_and(|k| fastlane.contains(&k))),
-        );
+        let mut held = Vec::new();
+        self.pending.retain(|e| match e {
+            Event::Layer(m) if m.kind().is_some_and(|k| fastlane.contains(&k)) => {
+                held.push(m.clone());
+                false
+            }
+            _ => true,
+        });
         for message in held {
             self.send_content(&message);
         }
