@@ -4,6 +4,13 @@
 #[path = "canal/supervisor.rs"]
 mod supervisor;
 
+/// jemalloc's size classes (…, 96, 112, 128, 160, …, 256, 320, 384) and its lack of a per-chunk
+/// header fit the many small per-connection objects better than glibc's malloc: an idle
+/// connection costs about 150 bytes less (docs/BENCHMARKS.md).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
