@@ -18,11 +18,12 @@ pub fn websocket_frames(data: &[u8], chunk: usize) {
         max_message_size: 8192,
     };
     let run = |size: usize| {
-        let mut decoder = Decoder::new(limits());
+        let limits = limits();
+        let mut decoder = Decoder::new();
         let mut out = Vec::new();
         let mut error = None;
         for piece in data.chunks(size.max(1)) {
-            if let Err(e) = decoder.feed(piece, &mut out) {
+            if let Err(e) = decoder.feed(&limits, piece, &mut out) {
                 error = Some(e.close_code());
                 break;
             }

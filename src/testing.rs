@@ -183,7 +183,7 @@ impl WebsocketCommunicator {
             Arc::new(scope),
             UpgradeSource::Direct(server),
             tx,
-            None,
+            crate::server::ConnGuard::new(shared, None),
         ));
         match rx.await {
             Ok(Decision::Accept {

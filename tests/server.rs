@@ -326,6 +326,63 @@ async fn a_panicking_or_failing_consumer_closes_with_1011_and_others_go_on() {
     assert_eq!(server.handle.stats().handler_errors, 2);
 }
 
+/// Joins `crashers` through `groups()` and panics on "panic".
+struct GroupedFragile;
+impl WebsocketConsumer for GroupedFragile {
+    fn groups(&self) -> Vec<String> {
+        vec!["crashers".to_owned()]
+    }
+
+    async fn receive(&mut self, _cx: &mut Context, frame: Frame) -> canal::Result<()> {
+        if frame.text()? == "panic" {
+            panic!("consumer bug");
+        }
+        Ok(())
+    }
+}
+
+/// The connection asks the consumer for its groups again when it ends, so a consumer whose
+/// handler panicked must be kept for that: its membership goes with the connection.
+#[tokio::test]
+async fn a_consumer_that_panicked_still_leaves_its_groups() {
+    let app = App::new().websocket(path("/ws/grouped/", ws(|| GroupedFragile)));
+    let server = TestServer::start(app).await;
+    let crashers = |server: &TestServer| {
+        server
+            .handle
+            .layer()
+            .group_sizes()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(name, _)| name == "crashers")
+            .map_or(0, |(_, size)| size)
+    };
+    let mut stays = connect(&server.url("/ws/grouped/")).await;
+    let mut victim = connect(&server.url("/ws/grouped/")).await;
+    assert_eq!(crashers(&server), 2);
+    send_text(&mut victim, "panic").await;
+    assert_eq!(close_code(&mut victim).await, 1011);
+    drop(victim); // the socket ends now, not at the close timeout
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while crashers(&server) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the panicked consumer is still in its group"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    send_text(&mut stays, "hello").await;
+    drop(stays);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while crashers(&server) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed consumer is still in its group"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Streams a counter every 100 ms from a task bound to the connection.
 struct Streamer {
     ticks: Arc<AtomicUsize>,

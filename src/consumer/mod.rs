@@ -15,11 +15,13 @@ mod http;
 mod json;
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use bytestring::ByteString;
+use futures_util::FutureExt;
 
 pub use self::http::{HttpConsumer, HttpEndpoint, Request, Response, http};
 pub(crate) use context::{Command, Outgoing};
@@ -119,6 +121,12 @@ pub trait WebsocketConsumer: Send + 'static {
 
     /// Groups joined before [`connect`](Self::connect) and left after
     /// [`disconnect`](Self::disconnect) (Channels' `groups` attribute).
+    ///
+    /// Asked twice, like Channels reads the attribute twice: when the connection opens (to
+    /// join) and when it ends (to leave; also after a handler panicked), so it should give the
+    /// same list both times. A consumer whose handler was cancelled by a timeout cannot be
+    /// asked; its memberships then go the way of a dead consumer's in Channels (see
+    /// [`LayerConfig::group_expiry`](crate::layer::LayerConfig)).
     fn groups(&self) -> Vec<String> {
         Vec::new()
     }
@@ -191,9 +199,10 @@ pub(crate) enum Event {
     Disconnect(u16),
 }
 
-/// A running handler: it owns the consumer and gives it back when done.
+/// A running handler: it owns the consumer and gives it back when done, even when the handler
+/// panicked (`Err` holds the panic), so the connection can still leave the consumer's groups.
 pub(crate) type HandlerFuture =
-    Pin<Box<dyn Future<Output = (Box<dyn DynConsumer>, Result<()>)> + Send>>;
+    Pin<Box<dyn Future<Output = (Box<dyn DynConsumer>, std::thread::Result<Result<()>>)> + Send>>;
 
 /// A consumer with its context, behind one pointer.
 pub(crate) trait DynConsumer: Send {
@@ -211,12 +220,15 @@ impl<C: WebsocketConsumer> DynConsumer for Driver<C> {
     fn handle(mut self: Box<Self>, event: Event) -> HandlerFuture {
         Box::pin(async move {
             let Driver { consumer, cx } = &mut *self;
-            let result = match event {
-                Event::Connect => consumer.connect(cx).await,
-                Event::Frame(frame) => consumer.receive(cx, frame).await,
-                Event::Layer(message) => consumer.event(cx, message).await,
-                Event::Disconnect(code) => consumer.disconnect(cx, code).await,
+            let run = async move {
+                match event {
+                    Event::Connect => consumer.connect(cx).await,
+                    Event::Frame(frame) => consumer.receive(cx, frame).await,
+                    Event::Layer(message) => consumer.event(cx, message).await,
+                    Event::Disconnect(code) => consumer.disconnect(cx, code).await,
+                }
             };
+            let result = AssertUnwindSafe(run).catch_unwind().await;
             (self as Box<dyn DynConsumer>, result)
         })
     }

@@ -85,11 +85,15 @@ pub(crate) struct Mailbox {
     detached: bool,
     /// Coarse activity stamp (seconds) kept by the owner, read by sweepers.
     pub(crate) activity: AtomicU32,
+    /// The local id (in the registry and in the channel name), so an owner holding just the
+    /// mailbox knows its name.
+    id: u64,
 }
 
 impl Mailbox {
-    fn new(capacity: usize, detached: bool) -> Self {
+    fn new(id: u64, capacity: usize, detached: bool) -> Self {
         Mailbox {
+            id,
             queue: Mutex::new(Queues::default()),
             waker: AtomicWaker::new(),
             capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
@@ -99,6 +103,11 @@ impl Mailbox {
             detached,
             activity: AtomicU32::new(0),
         }
+    }
+
+    /// The local id: the channel is `specific.<process>!<id in hex>`.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// Queues a message unless full or closed, purging expired messages at the head first.
@@ -322,7 +331,7 @@ impl LocalChannels {
 
     fn register(&self, capacity: usize, detached: bool) -> (u64, Arc<Mailbox>) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mailbox = Arc::new(Mailbox::new(capacity, detached));
+        let mailbox = Arc::new(Mailbox::new(id, capacity, detached));
         self.shard(id).write().insert(id, mailbox.clone());
         (id, mailbox)
     }
@@ -334,6 +343,7 @@ impl LocalChannels {
             id,
             mailbox,
             owner: self.clone(),
+            handed_off: false,
         }
     }
 
@@ -373,6 +383,13 @@ impl LocalChannels {
 
     fn remove(&self, id: u64) {
         self.shard(id).write().remove(&id);
+    }
+
+    /// Closes a mailbox taken out of its [`Inbox`] with [`Inbox::into_mailbox`] and removes it
+    /// from the registry: what dropping the inbox would have done.
+    pub(crate) fn release(&self, mailbox: &Mailbox) {
+        mailbox.close();
+        self.remove(mailbox.id);
     }
 
     /// Number of open local channels.
@@ -507,6 +524,8 @@ pub struct Inbox {
     id: u64,
     mailbox: Arc<Mailbox>,
     owner: LocalChannels,
+    /// Set once the mailbox was handed to an owner that releases it itself.
+    handed_off: bool,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -535,6 +554,14 @@ impl Inbox {
         &self.owner
     }
 
+    /// The mailbox alone, for an owner that keeps it in less room than an inbox takes and
+    /// calls [`LocalChannels::release`] itself when done (a connection: see
+    /// `server::ws::conn`).
+    pub(crate) fn into_mailbox(mut self) -> Arc<Mailbox> {
+        self.handed_off = true;
+        self.mailbox.clone()
+    }
+
     /// Waits for the next message. Cancel-safe: a message is taken only when returned.
     pub async fn recv(&self) -> Message {
         std::future::poll_fn(|cx| {
@@ -555,7 +582,8 @@ impl Inbox {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
-        self.mailbox.close();
-        self.owner.remove(self.id);
+        if !self.handed_off {
+            self.owner.release(&self.mailbox);
+        }
     }
 }

@@ -556,7 +556,7 @@ async fn upgrade(
         Arc::new(scope),
         UpgradeSource::Hyper(on_upgrade),
         tx,
-        Some(guard),
+        guard,
     ));
     let decision = rx
         .await

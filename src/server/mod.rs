@@ -174,6 +174,8 @@ pub(crate) struct ConnGuard {
     shared: Arc<Shared>,
     /// The client address counted in `per_ip` (boxed: `None` unless the limit is on).
     ip: Option<Box<IpAddr>>,
+    /// False once the count was handed to an open connection ([`ConnGuard::into_ip`]).
+    armed: bool,
 }
 
 impl ConnGuard {
@@ -190,6 +192,24 @@ impl ConnGuard {
         ConnGuard {
             shared: shared.clone(),
             ip,
+            armed: true,
+        }
+    }
+
+    /// Hands the count to an open connection, which keeps only the address (if one is
+    /// counted) and takes a guard back with [`ConnGuard::resume`] when it ends: its task then
+    /// holds one pointer fewer.
+    pub(crate) fn into_ip(mut self) -> Option<Box<IpAddr>> {
+        self.armed = false;
+        self.ip.take()
+    }
+
+    /// The guard of a connection counted earlier (the other half of [`ConnGuard::into_ip`]).
+    pub(crate) fn resume(shared: Arc<Shared>, ip: Option<Box<IpAddr>>) -> Self {
+        ConnGuard {
+            shared,
+            ip,
+            armed: true,
         }
     }
 
@@ -208,6 +228,7 @@ impl ConnGuard {
             return Some(ConnGuard {
                 shared: shared.clone(),
                 ip: Some(Box::new(peer.ip())),
+                armed: true,
             });
         }
         Some(ConnGuard::new(shared, peer))
@@ -216,6 +237,9 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         if let Some(ip) = self.ip.take() {
             let mut map = self.shared.per_ip.lock();

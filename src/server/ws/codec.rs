@@ -336,37 +336,32 @@ enum Flow {
 /// Feed it whatever the socket returned, in any chunking; it emits the same
 /// events whether a stream arrives one byte at a time or all at once.
 ///
-/// Memory: `size_of::<Decoder>()` is 32 bytes on 64-bit targets (the limits,
-/// one pointer and a flag). Between frames it owns no heap memory at all.
-/// While a frame or fragmented message is incomplete at the end of a
-/// [`feed`](Self::feed) call, the partial state (header bytes, masking key,
-/// payload buffer, fragmented message) is kept in one `Box` which is freed as
-/// soon as the connection is idle again; a frame that arrives within a single
-/// `feed` call never touches that box.
-#[derive(Debug)]
+/// Memory: `size_of::<Decoder>()` is one pointer (the limits come with each
+/// [`feed`](Self::feed), from the server's configuration). Between frames it
+/// owns no heap memory at all. While a frame or fragmented message is
+/// incomplete at the end of a `feed` call, the partial state (header bytes,
+/// masking key, payload buffer, fragmented message) is kept in one `Box` which
+/// is freed as soon as the connection is idle again; a frame that arrives
+/// within a single `feed` call never touches that box. After a close frame or
+/// an error the box holds only the terminal mark (a closing connection is not
+/// idle, and this keeps the flag out of every open connection's state).
+#[derive(Debug, Default)]
 pub(crate) struct Decoder {
-    /// Size limits checked on every frame header.
-    limits: Limits,
-    /// State of a frame or message that is incomplete; `None` when idle.
+    /// State of a frame or message that is incomplete, or the terminal mark; `None` when idle.
     partial: Option<Box<Partial>>,
-    /// Set after an error or a close frame: all further input is ignored.
-    finished: bool,
 }
 
 impl Decoder {
     /// A decoder waiting for the first frame. Does not allocate.
-    pub(crate) fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-            partial: None,
-            finished: false,
-        }
+    pub(crate) fn new() -> Self {
+        Self::default()
     }
 
     /// Consume ALL of `input` (bytes read from the client socket, any
     /// chunking: 1 byte at a time, many frames at once, split anywhere),
-    /// pushing every completed event to `out`. After an error or after a Close
-    /// event, further input is ignored (returns Ok and pushes nothing).
+    /// pushing every completed event to `out`, checking each frame against
+    /// `limits`. After an error or after a Close event, further input is
+    /// ignored (returns Ok and pushes nothing).
     ///
     /// On error, the events completed before the offending frame have already
     /// been pushed to `out`; the caller should still deliver them (or not)
@@ -377,19 +372,20 @@ impl Decoder {
     /// prefix of a text message cannot be completed to valid UTF-8.
     pub(crate) fn feed(
         &mut self,
+        limits: &Limits,
         input: &[u8],
         out: &mut Vec<Incoming>,
     ) -> Result<(), ProtocolError> {
-        if self.finished || input.is_empty() {
+        if self.is_finished() || input.is_empty() {
             return Ok(());
         }
         let result = match self.partial.as_deref_mut() {
-            Some(partial) => run(&self.limits, partial, input, out),
+            Some(partial) => run(limits, partial, input, out),
             None => {
                 // Fast path: work on a stack value and only box it if
                 // something is left incomplete at the end of this chunk.
                 let mut partial = Partial::default();
-                let result = run(&self.limits, &mut partial, input, out);
+                let result = run(limits, &mut partial, input, out);
                 if result == Ok(Flow::Continue) && !partial.is_idle() {
                     self.partial = Some(Box::new(partial));
                 }
@@ -414,11 +410,16 @@ impl Decoder {
         }
     }
 
+    /// True after an error or a close frame: input is ignored from then on.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.partial.as_deref().is_some_and(|p| p.finished)
+    }
+
     /// True when no partial frame or partial message is held (so the
-    /// connection holds no buffer while idle).
+    /// connection holds no buffer while idle, or after the decoder finished).
     #[allow(dead_code)] // for the connection memory budget and tests
     pub(crate) fn is_idle(&self) -> bool {
-        self.partial.is_none()
+        self.partial.as_deref().is_none_or(|p| p.finished)
     }
 
     /// Bytes currently buffered (partial frame payload + partial fragmented
@@ -440,10 +441,14 @@ impl Decoder {
         self.finish();
     }
 
-    /// Enters the terminal state and frees any partial state.
+    /// Enters the terminal state, freeing any partial frame or message.
     fn finish(&mut self) {
-        self.finished = true;
-        self.partial = None;
+        if !self.is_finished() {
+            self.partial = Some(Box::new(Partial {
+                finished: true,
+                ..Partial::default()
+            }));
+        }
     }
 }
 
@@ -460,12 +465,14 @@ struct Partial {
     /// continuation frame's payload streams in, the message is moved into that
     /// [`Frame`] instead.
     msg: Option<Message>,
+    /// The decoder's terminal mark (see [`Decoder`]): nothing else is held then.
+    finished: bool,
 }
 
 impl Partial {
     /// No header bytes, no frame and no message: nothing worth keeping.
     fn is_idle(&self) -> bool {
-        self.head_len == 0 && self.frame.is_none() && self.msg.is_none()
+        self.head_len == 0 && self.frame.is_none() && self.msg.is_none() && !self.finished
     }
 
     /// See [`Decoder::buffered`].
@@ -970,6 +977,38 @@ mod tests {
         client_frame(fin, 0, opcode.as_u8(), payload, Some(MASK))
     }
 
+    /// A decoder with its limits, so the tests can feed it as a connection does.
+    struct TestDecoder {
+        dec: Decoder,
+        limits: Limits,
+    }
+
+    impl TestDecoder {
+        fn new(limits: Limits) -> Self {
+            TestDecoder {
+                dec: Decoder::new(),
+                limits,
+            }
+        }
+
+        fn feed(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), ProtocolError> {
+            self.dec.feed(&self.limits, input, out)
+        }
+    }
+
+    impl std::ops::Deref for TestDecoder {
+        type Target = Decoder;
+        fn deref(&self) -> &Decoder {
+            &self.dec
+        }
+    }
+
+    impl std::ops::DerefMut for TestDecoder {
+        fn deref_mut(&mut self) -> &mut Decoder {
+            &mut self.dec
+        }
+    }
+
     /// Feeds `input` in one call to a fresh decoder with default limits.
     fn decode(input: &[u8]) -> (Vec<Incoming>, Result<(), ProtocolError>) {
         decode_with(Limits::default(), input)
@@ -977,7 +1016,7 @@ mod tests {
 
     /// Feeds `input` in one call to a fresh decoder.
     fn decode_with(limits: Limits, input: &[u8]) -> (Vec<Incoming>, Result<(), ProtocolError>) {
-        let mut dec = Decoder::new(limits);
+        let mut dec = TestDecoder::new(limits);
         let mut out = Vec::new();
         let res = dec.feed(input, &mut out);
         (out, res)
@@ -991,7 +1030,7 @@ mod tests {
         input: &[u8],
         cuts: &[usize],
     ) -> (Vec<Incoming>, Result<(), ProtocolError>) {
-        let mut dec = Decoder::new(limits);
+        let mut dec = TestDecoder::new(limits);
         let mut out = Vec::new();
         let mut res = Ok(());
         let mut start = 0;
@@ -1232,7 +1271,7 @@ mod tests {
         // Announces 2^40 bytes; only the 10 header bytes up to the length are
         // fed (no mask key, no payload). Must fail right there.
         let frame = frame_with(0x82, Len::Raw64(1 << 40), b"", Some(MASK));
-        let mut dec = Decoder::new(Limits::default());
+        let mut dec = TestDecoder::new(Limits::default());
         let mut out = Vec::new();
         for (i, byte) in frame[..10].iter().enumerate() {
             let res = dec.feed(&[*byte], &mut out);
@@ -1259,7 +1298,7 @@ mod tests {
             max_frame_size: 100,
             max_message_size: 150,
         };
-        let mut dec = Decoder::new(limits);
+        let mut dec = TestDecoder::new(limits);
         let mut out = Vec::new();
         dec.feed(&masked(false, OpCode::Binary, &[1; 100]), &mut out)
             .unwrap();
@@ -1276,7 +1315,7 @@ mod tests {
         assert!(out.is_empty());
         assert!(dec.is_idle());
         // Exactly at the limit is fine.
-        let mut dec = Decoder::new(limits);
+        let mut dec = TestDecoder::new(limits);
         dec.feed(&masked(false, OpCode::Binary, &[1; 100]), &mut out)
             .unwrap();
         dec.feed(&masked(true, OpCode::Continuation, &[2; 50]), &mut out)
@@ -1337,7 +1376,7 @@ mod tests {
 
     #[test]
     fn utf8_fails_fast_on_the_fragment_where_the_error_is_certain() {
-        let mut dec = Decoder::new(Limits::default());
+        let mut dec = TestDecoder::new(Limits::default());
         let mut out = Vec::new();
         // F4 is a valid lead byte (U+100000..U+10FFFF): incomplete, not invalid.
         dec.feed(&masked(false, OpCode::Text, b"ok\xF4"), &mut out)
@@ -1389,7 +1428,7 @@ mod tests {
         payload.push(0xFF);
         payload.extend([b'x'; 1000]);
         let frame = masked(true, OpCode::Text, &payload);
-        let mut dec = Decoder::new(Limits::default());
+        let mut dec = TestDecoder::new(Limits::default());
         let mut out = Vec::new();
         // Header (8 bytes) plus the first 13 payload bytes, which include 0xFF.
         let res = dec.feed(&frame[..8 + 13], &mut out);
@@ -1466,7 +1505,7 @@ mod tests {
         input.extend(masked(true, OpCode::Close, b""));
         input.extend(masked(true, OpCode::Text, b"after"));
         input.extend([0xFF; 20]); // garbage
-        let mut dec = Decoder::new(Limits::default());
+        let mut dec = TestDecoder::new(Limits::default());
         let mut out = Vec::new();
         dec.feed(&input, &mut out).unwrap();
         assert_eq!(out, vec![text("before"), Incoming::Close(None)]);
@@ -1482,7 +1521,7 @@ mod tests {
         let mut input = masked(true, OpCode::Text, b"first");
         input.extend(client_frame(true, 0, 1, b"unmasked", None));
         input.extend(masked(true, OpCode::Text, b"after"));
-        let mut dec = Decoder::new(Limits::default());
+        let mut dec = TestDecoder::new(Limits::default());
         let mut out = Vec::new();
         assert_eq!(
             dec.feed(&input, &mut out),
@@ -1498,7 +1537,7 @@ mod tests {
 
     #[test]
     fn idle_and_buffered() {
-        let mut dec = Decoder::new(Limits::default());
+        let mut dec = TestDecoder::new(Limits::default());
         let mut out = Vec::new();
         assert!(dec.is_idle());
         assert_eq!(dec.buffered(), 0);
@@ -1553,7 +1592,7 @@ mod tests {
             max_frame_size: 1 << 20,
             max_message_size: 1000,
         };
-        let mut dec = Decoder::new(limits);
+        let mut dec = TestDecoder::new(limits);
         let mut out = Vec::new();
         dec.feed(&masked(false, OpCode::Binary, &[0; 1]), &mut out)
             .unwrap();
@@ -1572,9 +1611,8 @@ mod tests {
 
     #[test]
     fn decoder_is_small() {
-        // limits (2 × usize) + Option<Box<Partial>> + bool, padded.
-        assert!(std::mem::size_of::<Decoder>() <= 4 * std::mem::size_of::<usize>());
-        assert!(std::mem::size_of::<Decoder>() <= 64);
+        // One pointer: every open connection holds one.
+        assert_eq!(std::mem::size_of::<Decoder>(), std::mem::size_of::<usize>());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use super::codec::{Decoder, FrameHead, Incoming, Limits, OpCode, close_code, close_payload};
 use crate::consumer::{Command, DynConsumer, Event, Frame, HandlerFuture, Outgoing};
-use crate::layer::{DropReason, Inbox, Signal};
+use crate::layer::{DropReason, Inbox, Mailbox, Signal};
 use crate::message::Message;
 use crate::scope::Scope;
 use crate::server::config::OverflowPolicy;
@@ -169,6 +169,9 @@ enum Phase {
 enum Slot {
     Idle(Box<dyn DynConsumer>),
     Busy(HandlerFuture),
+    /// A handler panicked: no more handlers run, but the consumer is kept for its
+    /// `groups()`, which the connection leaves when it ends.
+    Crashed(Box<dyn DynConsumer>),
     /// The consumer panicked; it is gone.
     Gone,
 }
@@ -176,11 +179,15 @@ enum Slot {
 pub(crate) struct Conn {
     shared: Arc<Shared>,
     scope: Arc<Scope>,
-    inbox: Inbox,
+    /// The reply channel's mailbox, out of its [`Inbox`] (one pointer instead of three); the
+    /// connection releases it from the registry when dropped.
+    mailbox: Arc<Mailbox>,
     slot: Slot,
     pending: Backlog,
     decoder: Decoder,
     out: Option<Box<WriteQueue>>,
+    /// What few open connections use, allocated on first use and freed when empty.
+    rare: Option<Box<Rare>>,
     phase: Phase,
     accepted: bool,
     close_sent: bool,
@@ -188,19 +195,8 @@ pub(crate) struct Conn {
     close_code: u16,
     ping_outstanding: bool,
     ping_sent: u32,
-    /// When the running handler is cut off (`handler_timeout`); the timer is reused.
-    handler_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes this connection last reported into the server's memory budget.
     reported: u32,
-    /// Start (coarse seconds) of the current one-second window of the message rate limit.
-    rate_window: u32,
-    /// Client messages received in that window.
-    rate_count: u32,
-    /// A close frame that must follow the current `websocket.send` (Channels 1 `close` key).
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Accept headers and subprotocol wait here until the handshake answer is sent (boxed: it
-    /// is empty for the whole life of an open connection).
-    decision: Option<Box<Decision>>,
     /// Whether this connection's messages count in the server's totals.
     metered: bool,
     /// Handler runs started in the current poll (at most [`EVENTS_PER_POLL`]).
@@ -210,6 +206,38 @@ pub(crate) struct Conn {
     ///
     /// [`WebsocketConsumer::FASTLANE`]: crate::consumer::WebsocketConsumer::FASTLANE
     fastlane: &'static &'static [&'static str],
+}
+
+/// The part of a connection's state that an idle open connection does not use. Kept out of
+/// [`Conn`] so the open connection's task stays within tokio's 256-byte task cell (the size
+/// test in `ws/mod.rs` says why that matters).
+#[derive(Default)]
+struct Rare {
+    /// When the running handler is cut off (`handler_timeout`); the timer is reused.
+    handler_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When a closing connection is dropped if the client does not finish the close.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Accept headers and subprotocol wait here until the handshake answer is sent.
+    decision: Option<Decision>,
+    /// Start (coarse seconds) of the current one-second window of the message rate limit.
+    rate_window: u32,
+    /// Client messages received in that window.
+    rate_count: u32,
+    /// The client address counted against `max_connections_per_ip` (see [`ConnGuard`]).
+    ///
+    /// [`ConnGuard`]: crate::server::ConnGuard
+    ip: Option<Box<std::net::IpAddr>>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.handler_deadline.is_none()
+            && self.deadline.is_none()
+            && self.decision.is_none()
+            && self.rate_window == 0
+            && self.rate_count == 0
+            && self.ip.is_none()
+    }
 }
 
 /// Events waiting for the consumer. Most connections never queue one (an event for an idle
@@ -259,6 +287,14 @@ impl Backlog {
     }
 }
 
+impl Drop for Conn {
+    /// Closes the reply channel and removes it from the registry (what dropping its
+    /// [`Inbox`] does).
+    fn drop(&mut self) {
+        self.shared.layer.local().release(&self.mailbox);
+    }
+}
+
 /// What ended a handler run.
 enum HandlerOutcome {
     Ok,
@@ -277,30 +313,22 @@ impl Conn {
         metered: bool,
         fastlane: &'static &'static [&'static str],
     ) -> Conn {
-        let limits = Limits {
-            max_frame_size: shared.config.max_frame_size,
-            max_message_size: shared.config.max_message_size,
-        };
         Conn {
             shared,
             scope,
-            inbox,
+            mailbox: inbox.into_mailbox(),
             slot: Slot::Idle(consumer),
             pending: Backlog::default(),
-            decoder: Decoder::new(limits),
+            decoder: Decoder::new(),
             out: None,
+            rare: None,
             phase: Phase::Open,
             accepted: false,
             close_sent: false,
             close_code: close_code::ABNORMAL,
             ping_outstanding: false,
             ping_sent: 0,
-            rate_window: 0,
-            rate_count: 0,
             reported: 0,
-            handler_deadline: None,
-            deadline: None,
-            decision: None,
             metered,
             fastlane,
             handled: 0,
@@ -308,7 +336,46 @@ impl Conn {
     }
 
     fn now_ms(&self) -> u64 {
-        self.inbox.registry().now_ms()
+        self.shared.layer.local().now_ms()
+    }
+
+    /// The rarely used state, allocated now if it was not.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the rarely used state once nothing is left in it.
+    fn trim_rare(&mut self) {
+        if self.rare.as_deref().is_some_and(Rare::is_empty) {
+            self.rare = None;
+        }
+    }
+
+    /// The frame limits from the server's configuration.
+    fn limits(&self) -> Limits {
+        Limits {
+            max_frame_size: self.shared.config.max_frame_size,
+            max_message_size: self.shared.config.max_message_size,
+        }
+    }
+
+    /// The deadline of a closing connection, if one is set.
+    fn close_deadline(&mut self) -> Option<&mut Pin<Box<tokio::time::Sleep>>> {
+        self.rare.as_deref_mut()?.deadline.as_mut()
+    }
+
+    /// Takes the client-address count over from the handshake's guard: the open connection
+    /// holds it from now on and gives it back with [`Conn::resume_guard`].
+    pub(crate) fn adopt_guard(&mut self, guard: crate::server::ConnGuard) {
+        if let Some(ip) = guard.into_ip() {
+            self.rare().ip = Some(ip);
+        }
+    }
+
+    /// A guard holding this connection's count again (dropping it uncounts the connection).
+    fn resume_guard(&mut self) -> crate::server::ConnGuard {
+        let ip = self.rare.as_deref_mut().and_then(|rare| rare.ip.take());
+        crate::server::ConnGuard::resume(self.shared.clone(), ip)
     }
 
     // ---------------------------------------------------------------- handlers
@@ -325,10 +392,11 @@ impl Conn {
                 self.slot = Slot::Busy(Box::pin(fut));
                 if let Some(limit) = self.shared.config.handler_timeout {
                     let at = tokio::time::Instant::now() + limit;
-                    match self.handler_deadline.as_mut() {
+                    let rare = self.rare();
+                    match rare.handler_deadline.as_mut() {
                         Some(sleep) => sleep.as_mut().reset(at),
                         None => {
-                            self.handler_deadline = Some(Box::pin(tokio::time::sleep_until(at)))
+                            rare.handler_deadline = Some(Box::pin(tokio::time::sleep_until(at)))
                         }
                     }
                 }
@@ -367,7 +435,10 @@ impl Conn {
             Poll::Pending => {
                 // Only a handler that yields can be cut off here: one that never returns from
                 // a poll holds its worker thread, and nothing in Rust can preempt it.
-                if let Some(deadline) = self.handler_deadline.as_mut()
+                if let Some(deadline) = self
+                    .rare
+                    .as_deref_mut()
+                    .and_then(|rare| rare.handler_deadline.as_mut())
                     && deadline.as_mut().poll(cx).is_ready()
                 {
                     self.slot = Slot::Gone;
@@ -375,12 +446,16 @@ impl Conn {
                 }
                 None
             }
-            Poll::Ready(Ok((consumer, result))) => {
+            Poll::Ready(Ok((consumer, Ok(result)))) => {
                 self.slot = Slot::Idle(consumer);
                 Some(match result {
                     Ok(()) => HandlerOutcome::Ok,
                     Err(e) => HandlerOutcome::Failed(e.to_string()),
                 })
+            }
+            Poll::Ready(Ok((consumer, Err(_panic)))) => {
+                self.slot = Slot::Crashed(consumer);
+                Some(HandlerOutcome::Panicked)
             }
             Poll::Ready(Err(_panic)) => {
                 self.slot = Slot::Gone;
@@ -448,9 +523,9 @@ impl Conn {
     }
 
     fn poll_handshake(&mut self, cx: &mut TaskContext<'_>) -> Option<Decision> {
-        self.inbox.mailbox().register(cx);
+        self.mailbox.register(cx);
         loop {
-            if self.inbox.mailbox().take_signals() & Signal::Shutdown as u8 != 0 {
+            if self.mailbox.take_signals() & Signal::Shutdown as u8 != 0 {
                 return Some(Decision::Reject(503, HandshakeFailure::ShuttingDown));
             }
             if let Some(outcome) = self.poll_handler(cx) {
@@ -460,15 +535,16 @@ impl Conn {
                 }
             }
             self.absorb_all();
-            if let Some(decision) = self.decision.take() {
-                return Some(*decision);
+            if let Some(decision) = self.rare.as_deref_mut().and_then(|r| r.decision.take()) {
+                self.trim_rare();
+                return Some(decision);
             }
             if matches!(self.slot, Slot::Busy(_)) {
                 // The handler is pending; its waker is registered.
                 return None;
             }
             // connect returned without deciding: a decision may still come through the inbox.
-            if self.inbox.mailbox().has_messages() {
+            if self.mailbox.has_messages() {
                 continue;
             }
             return None;
@@ -479,7 +555,7 @@ impl Conn {
     /// commands act on the socket, the rest queue up as events for the consumer). True when
     /// there was anything.
     fn absorb_all(&mut self) -> bool {
-        let taken = self.inbox.mailbox().take_all(self.now_ms());
+        let taken = self.mailbox.take_all(self.now_ms());
         self.count_expired(taken.expired);
         let any = taken.expired > 0 || !taken.messages.is_empty() || !taken.commands.is_empty();
         for env in taken.messages {
@@ -493,10 +569,11 @@ impl Conn {
 
     fn count_expired(&self, expired: u64) {
         if expired > 0 {
-            self.inbox
-                .registry()
-                .counters()
-                .drop(DropReason::Expired, expired, &self.inbox.name());
+            self.shared.layer.local().counters().drop(
+                DropReason::Expired,
+                expired,
+                &self.channel_name(),
+            );
         }
     }
 
@@ -624,10 +701,10 @@ impl Conn {
             } => {
                 if !self.accepted {
                     self.accepted = true;
-                    self.decision = Some(Box::new(Decision::Accept {
+                    self.rare().decision = Some(Decision::Accept {
                         subprotocol,
                         headers,
-                    }));
+                    });
                     self.release_fastlane();
                 }
             }
@@ -653,10 +730,10 @@ impl Conn {
             }
             Command::Close { code, reason } => {
                 if !self.accepted {
-                    if self.decision.is_none() {
+                    if self.rare.as_ref().is_none_or(|r| r.decision.is_none()) {
                         self.accepted = true; // nothing more to decide
-                        self.decision =
-                            Some(Box::new(Decision::Reject(403, HandshakeFailure::Denied)));
+                        self.rare().decision =
+                            Some(Decision::Reject(403, HandshakeFailure::Denied));
                     }
                     return;
                 }
@@ -838,19 +915,17 @@ impl Conn {
         self.phase = Phase::Closing;
         self.pending.clear();
         self.enqueue(OpCode::Close, close_payload(code, reason), true);
-        self.deadline = Some(Box::pin(tokio::time::sleep(
-            self.shared.config.close_timeout,
-        )));
+        let timeout = self.shared.config.close_timeout;
+        self.rare().deadline = Some(Box::pin(tokio::time::sleep(timeout)));
     }
 
     fn set_closed(&mut self) {
         if self.phase != Phase::Closed {
             self.phase = Phase::Closed;
             self.pending.clear();
-            if self.deadline.is_none() {
-                self.deadline = Some(Box::pin(tokio::time::sleep(
-                    self.shared.config.close_timeout,
-                )));
+            if self.close_deadline().is_none() {
+                let timeout = self.shared.config.close_timeout;
+                self.rare().deadline = Some(Box::pin(tokio::time::sleep(timeout)));
             }
         }
     }
@@ -936,12 +1011,13 @@ impl Conn {
             return false;
         };
         let now = coarse_secs();
-        if now != self.rate_window {
-            self.rate_window = now;
-            self.rate_count = 0;
+        let rare = self.rare();
+        if now != rare.rate_window {
+            rare.rate_window = now;
+            rare.rate_count = 0;
         }
-        self.rate_count = self.rate_count.saturating_add(1);
-        if self.rate_count <= limit {
+        rare.rate_count = rare.rate_count.saturating_add(1);
+        if rare.rate_count <= limit {
             return false;
         }
         if !self.close_sent {
@@ -1013,6 +1089,7 @@ impl Conn {
         io: &mut S,
     ) -> Poll<bool> {
         let mut events = Vec::new();
+        let limits = self.limits();
         let result = SCRATCH_BUF.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let mut buf = ReadBuf::new(&mut scratch[..]);
@@ -1020,14 +1097,15 @@ impl Conn {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Err(_)) => Poll::Ready(Ok(false)),
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(false)),
-                Poll::Ready(Ok(())) => {
-                    Poll::Ready(self.decoder.feed(buf.filled(), &mut events).map(|()| true))
-                }
+                Poll::Ready(Ok(())) => Poll::Ready(
+                    self.decoder
+                        .feed(&limits, buf.filled(), &mut events)
+                        .map(|()| true),
+                ),
             }
         });
         if let Poll::Ready(Ok(true)) | Poll::Ready(Err(_)) = &result {
-            self.inbox
-                .mailbox()
+            self.mailbox
                 .activity
                 .store(coarse_secs(), Ordering::Relaxed);
         }
@@ -1060,7 +1138,8 @@ impl Conn {
             return;
         }
         let mut events = Vec::new();
-        if let Err(e) = self.decoder.feed(bytes, &mut events) {
+        let limits = self.limits();
+        if let Err(e) = self.decoder.feed(&limits, bytes, &mut events) {
             self.enqueue(OpCode::Close, close_payload(e.close_code(), ""), true);
             self.close_sent = true;
             self.close_code = e.close_code();
@@ -1074,7 +1153,7 @@ impl Conn {
     fn keepalive(&mut self) {
         let now = coarse_secs();
         let cfg = &self.shared.config;
-        let quiet = now.saturating_sub(self.inbox.mailbox().activity.load(Ordering::Relaxed));
+        let quiet = now.saturating_sub(self.mailbox.activity.load(Ordering::Relaxed));
         if self.ping_outstanding {
             if now.saturating_sub(self.ping_sent) >= cfg.ping_timeout.as_secs() as u32 {
                 tracing::info!(
@@ -1100,8 +1179,7 @@ impl Conn {
 
     /// Stamps the connection as active now (its keep-alive clock starts at the upgrade).
     pub(crate) fn mark_open(&self) {
-        self.inbox
-            .mailbox()
+        self.mailbox
             .activity
             .store(coarse_secs(), Ordering::Relaxed);
     }
@@ -1111,16 +1189,16 @@ impl Conn {
         cx: &mut TaskContext<'_>,
         io: &mut S,
     ) -> Poll<()> {
-        self.inbox.mailbox().register(cx);
+        self.mailbox.register(cx);
         self.handled = 0;
         let mut yielding = false;
         loop {
             // Pushes while this poll runs (the handler's own sends, a group send from this
             // connection's handler) need not wake the task: end_poll looks before it sleeps.
-            self.inbox.mailbox().begin_poll();
+            self.mailbox.begin_poll();
             let mut progressed = false;
 
-            let signals = self.inbox.mailbox().take_signals();
+            let signals = self.mailbox.take_signals();
             if signals & Signal::Shutdown as u8 != 0 {
                 self.start_close(close_code::GOING_AWAY, "server shutting down");
             }
@@ -1180,24 +1258,24 @@ impl Conn {
             }
 
             if self.phase == Phase::Closed && self.out.is_none() {
-                self.inbox.mailbox().end_poll();
+                self.mailbox.end_poll();
                 return Poll::Ready(());
             }
-            if let Some(deadline) = self.deadline.as_mut()
+            if let Some(deadline) = self.close_deadline()
                 && deadline.as_mut().poll(cx).is_ready()
             {
                 // The peer did not answer our close (or would not take our last bytes).
-                self.inbox.mailbox().end_poll();
+                self.mailbox.end_poll();
                 return Poll::Ready(());
             }
             if yielding {
                 // Back of the run queue; what is pending is handled in the next poll.
-                self.inbox.mailbox().end_poll();
+                self.mailbox.end_poll();
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
             if !progressed {
-                let more = self.inbox.mailbox().end_poll();
+                let more = self.mailbox.end_poll();
                 // A closed connection takes nothing more from its mailbox.
                 if !more || self.phase == Phase::Closed {
                     return Poll::Pending;
@@ -1210,8 +1288,16 @@ impl Conn {
 
     /// After the socket is done: let a running handler finish (sends now fail), run
     /// `disconnect`, leave the groups, abort the consumer's tasks.
-    pub(crate) async fn finish(mut self, joined: Vec<String>) {
-        self.inbox.mailbox().close_early();
+    ///
+    /// The groups to leave are asked of the consumer again (`groups()`, as Channels reads its
+    /// `groups` attribute again in `websocket_disconnect`) rather than kept from the join: an
+    /// open connection then holds no list. A consumer that panicked is still asked; one whose
+    /// handler was cancelled (handler or app close timeout) is gone with its future, and its
+    /// memberships are left to the layer (the memory layer drops members whose channel is
+    /// closed at the next send to the group; Redis lets them expire after `group_expiry`, as
+    /// channels_redis does for a consumer that died).
+    pub(crate) async fn finish(mut self) {
+        self.mailbox.close_early();
         if matches!(self.slot, Slot::Busy(_)) && !self.await_handler().await {
             tracing::warn!(
                 path = self.scope.path(),
@@ -1219,19 +1305,20 @@ impl Conn {
             );
             self.slot = Slot::Gone;
         }
+        let joined = self.declared_groups();
         if (self.accepted || !joined.is_empty()) && matches!(self.slot, Slot::Idle(_)) {
             self.start_handler(Event::Disconnect(self.close_code));
             if !self.await_handler().await {
                 tracing::warn!(path = self.scope.path(), "disconnect handler timed out");
             }
         }
-        let channel = self.inbox.name();
+        let channel = self.channel_name();
         for group in joined {
             if let Err(e) = self.shared.layer.group_discard(&group, &channel).await {
                 tracing::warn!(group, error = %e, "could not leave group on disconnect");
             }
         }
-        if let Slot::Idle(consumer) = &mut self.slot {
+        if let Slot::Idle(consumer) | Slot::Crashed(consumer) = &mut self.slot {
             consumer.context().abort_tasks();
         }
         if self.accepted && self.shared.config.access_log {
@@ -1269,16 +1356,19 @@ impl Conn {
         }
     }
 
-    /// Groups from the consumer's `groups()`, joined before connect.
+    /// Groups from the consumer's `groups()`: joined before connect, left at the end. A
+    /// `groups()` that panics counts as none.
     pub(crate) fn declared_groups(&self) -> Vec<String> {
         match &self.slot {
-            Slot::Idle(consumer) => consumer.groups(),
+            Slot::Idle(consumer) | Slot::Crashed(consumer) => {
+                std::panic::catch_unwind(AssertUnwindSafe(|| consumer.groups())).unwrap_or_default()
+            }
             _ => Vec::new(),
         }
     }
 
     pub(crate) fn channel_name(&self) -> String {
-        self.inbox.name()
+        self.shared.layer.local().name_of(self.mailbox.id())
     }
 
     /// Starts closing with 1001 (server going away).
@@ -1294,10 +1384,11 @@ pub(crate) fn fmt_peer(peer: Option<std::net::SocketAddr>) -> String {
 /// An open connection as a task of its own: exactly the connection state and its socket, so an
 /// idle connection's task is no bigger than that (a compiler-built `async fn` state machine
 /// would also keep room for every other phase).
+///
+/// The connection counts against the limits until its cleanup is done: the open connection
+/// holds the count ([`Conn::adopt_guard`]) and the cleanup holds it as a guard.
 pub(crate) struct OpenTask<S> {
     state: TaskState<S>,
-    /// Held until the cleanup is done: the connection counts against the limits until then.
-    guard: Option<crate::server::ConnGuard>,
 }
 
 /// The open loop, then the cleanup; one or the other, so the task is sized to the larger.
@@ -1305,8 +1396,6 @@ enum TaskState<S> {
     Open {
         conn: Conn,
         io: S,
-        /// Groups from the consumer's `groups()`, left after `disconnect`.
-        joined: Vec<String>,
     },
     /// Shutdown of the socket and the consumer's cleanup, once the socket is done.
     Tail(Pin<Box<dyn Future<Output = ()> + Send>>),
@@ -1314,16 +1403,11 @@ enum TaskState<S> {
 }
 
 impl<S> OpenTask<S> {
-    pub(crate) fn new(
-        conn: Conn,
-        io: S,
-        joined: Vec<String>,
-        guard: Option<crate::server::ConnGuard>,
-    ) -> Self {
+    pub(crate) fn new(mut conn: Conn, io: S, guard: crate::server::ConnGuard) -> Self {
         conn.mark_open();
+        conn.adopt_guard(guard);
         OpenTask {
-            state: TaskState::Open { conn, io, joined },
-            guard,
+            state: TaskState::Open { conn, io },
         }
     }
 }
@@ -1332,6 +1416,7 @@ impl<S> Drop for OpenTask<S> {
     fn drop(&mut self) {
         if let TaskState::Open { conn, .. } = &mut self.state {
             conn.release_memory();
+            drop(conn.resume_guard());
         }
     }
 }
@@ -1349,11 +1434,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
                 return Poll::Pending;
             }
             conn.release_memory();
-            let TaskState::Open {
-                conn,
-                mut io,
-                joined,
-            } = std::mem::replace(&mut this.state, TaskState::Done)
+            let guard = conn.resume_guard();
+            let TaskState::Open { conn, mut io } =
+                std::mem::replace(&mut this.state, TaskState::Done)
             else {
                 return Poll::Ready(());
             };
@@ -1366,11 +1449,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
                 .await;
                 drop(io);
                 let shared = conn.shared.clone();
-                conn.finish(joined).await;
+                conn.finish().await;
                 shared
                     .stats
                     .websocket_closed
                     .fetch_add(1, Ordering::Relaxed);
+                drop(guard);
             }));
         }
         if let TaskState::Tail(tail) = &mut this.state
@@ -1379,7 +1463,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for OpenTask<S> 
             return Poll::Pending;
         }
         this.state = TaskState::Done;
-        this.guard = None;
         Poll::Ready(())
     }
 }
