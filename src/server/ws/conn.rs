@@ -175,7 +175,7 @@ enum Slot {
 
 pub(crate) struct Conn {
     shared: Arc<Shared>,
-    scope: Arc<Scope>,
+    scope: Scope,
     inbox: Inbox,
     slot: Slot,
     pending: Backlog,
@@ -271,7 +271,7 @@ enum HandlerOutcome {
 impl Conn {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        scope: Arc<Scope>,
+        scope: Scope,
         inbox: Inbox,
         consumer: Box<dyn DynConsumer>,
         metered: bool,
