@@ -3,10 +3,9 @@
 //! One scope lives as long as its connection, so it costs one heap allocation and one pointer:
 //! [`Scope`] is a thin, reference-counted handle ([`triomphe::ThinArc`], 8 bytes; cloning it
 //! only bumps the count) to a single block that holds everything the scope knows. The block
-//! is the reference count and the byte length (8 bytes each), a pointer-sized slot that is
-//! null unless the request used a method outside HTTP's standard nine (an extension method
-//! must be answered by reference, so it is boxed there; a WebSocket's is always `GET`), then
-//! these bytes:
+//! starts with three words: the reference count, a slot that is null unless the request used
+//! a method outside HTTP's standard nine (an extension method must be answered by reference,
+//! so it is boxed there; a WebSocket's is always `GET`), and the length of these bytes:
 //!
 //! | bytes | what |
 //! | --- | --- |
@@ -17,9 +16,9 @@
 //! | 4 | length of the header records (u32) |
 //! | 0, 6, 18 or 26 | the client: IPv4 address and port, IPv6 address and port, or those and the flow info and scope id |
 //! | path, query | the percent-decoded path, then the raw query |
-//! | 2 + n, if present | the root path, as a `u16 len | bytes` record |
+//! | 2 + n, if present | the root path, as a record: its length (u16), then its bytes |
 //! | 2 + n, if present | the user, as a record |
-//! | header records | `u16 len | name`, `u16 len | value`, in the order received |
+//! | header records | per header, a record of its name, then one of its value, in the order received |
 //! | param records | the route params the same way, up to the end |
 //!
 //! Accessors read a few fixed offsets and lengths and borrow from the block; nothing is
@@ -215,7 +214,7 @@ impl Parts<'_> {
         let root_path = clip(self.root_path);
         let user = self.user.map(clip);
         let headers = whole_records(self.headers, u32::MAX as usize);
-        let (client_kind, mut client) = encode_client(self.client);
+        let client_kind = client_kind(self.client);
         let mut flags = client_kind << CLIENT_SHIFT;
         if self.kind == ScopeKind::WebSocket {
             flags |= WEBSOCKET;
@@ -231,7 +230,7 @@ impl Parts<'_> {
         }
         let rare = [(!root_path.is_empty()).then_some(root_path), user];
         let len = FIXED
-            + client.len()
+            + client_len(client_kind)
             + path.len()
             + query.len()
             + rare.iter().flatten().map(|p| 2 + p.len()).sum::<usize>()
@@ -246,7 +245,7 @@ impl Parts<'_> {
                 .unwrap_or(u32::MAX)
                 .to_le_bytes(),
         );
-        buf.append(&mut client);
+        encode_client(self.client, &mut buf);
         buf.extend_from_slice(path.as_bytes());
         buf.extend_from_slice(query.as_bytes());
         for part in rare.into_iter().flatten() {
@@ -259,29 +258,33 @@ impl Parts<'_> {
     }
 }
 
-/// The client's kind and bytes.
-fn encode_client(client: Option<SocketAddr>) -> (u8, Vec<u8>) {
-    let mut buf = Vec::new();
-    let kind = match client {
+/// How the client is stored (two bits of the flags).
+fn client_kind(client: Option<SocketAddr>) -> u8 {
+    match client {
         None => CLIENT_NONE,
+        Some(SocketAddr::V4(_)) => CLIENT_V4,
+        Some(SocketAddr::V6(a)) if a.flowinfo() == 0 && a.scope_id() == 0 => CLIENT_V6,
+        Some(SocketAddr::V6(_)) => CLIENT_V6_FULL,
+    }
+}
+
+/// Appends the client's bytes ([`client_len`] of its [`client_kind`]).
+fn encode_client(client: Option<SocketAddr>, buf: &mut Vec<u8>) {
+    match client {
+        None => {}
         Some(SocketAddr::V4(a)) => {
             buf.extend_from_slice(&a.ip().octets());
             buf.extend_from_slice(&a.port().to_le_bytes());
-            CLIENT_V4
         }
         Some(SocketAddr::V6(a)) => {
             buf.extend_from_slice(&a.ip().octets());
             buf.extend_from_slice(&a.port().to_le_bytes());
-            if a.flowinfo() == 0 && a.scope_id() == 0 {
-                CLIENT_V6
-            } else {
+            if client_kind(client) == CLIENT_V6_FULL {
                 buf.extend_from_slice(&a.flowinfo().to_le_bytes());
                 buf.extend_from_slice(&a.scope_id().to_le_bytes());
-                CLIENT_V6_FULL
             }
         }
-    };
-    (kind, buf)
+    }
 }
 
 impl std::fmt::Debug for Scope {
@@ -799,7 +802,7 @@ mod tests {
         assert_eq!(s.headers().count(), 1, "handshake headers are dropped");
         // 10 fixed + 6 client + 17 path + 22 host + 15 param bytes, after 24 of count,
         // extension slot and length: 94 bytes, 96 with alignment (the old layout asked for
-        // 104 + 17 + 37).
+        // 104 + 17 + 37 in three allocations).
         assert_eq!(s.bytes().len(), 70);
         assert_eq!(s.allocation_size(), 96);
         let s = demo(true);
