@@ -19,7 +19,6 @@
 //! # }
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -180,7 +179,7 @@ impl WebsocketCommunicator {
         tokio::spawn(websocket_task(
             shared.clone(),
             endpoint,
-            Arc::new(scope),
+            scope,
             UpgradeSource::Direct(server),
             tx,
             crate::server::ConnGuard::new(shared, None),

@@ -45,7 +45,7 @@ pub(crate) enum Command {
 pub struct Context {
     pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) id: u64,
-    pub(crate) scope: Arc<Scope>,
+    pub(crate) scope: Scope,
     pub(crate) layer: Layer,
     /// Tasks from [`spawn`](Self::spawn); boxed, as most consumers spawn none.
     #[allow(

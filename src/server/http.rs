@@ -553,7 +553,7 @@ async fn upgrade(
     shared.tracker.spawn(websocket_task(
         shared.clone(),
         endpoint,
-        Arc::new(scope),
+        scope,
         UpgradeSource::Hyper(on_upgrade),
         tx,
         guard,

@@ -178,7 +178,7 @@ enum Slot {
 
 pub(crate) struct Conn {
     shared: Arc<Shared>,
-    scope: Arc<Scope>,
+    scope: Scope,
     /// The reply channel's mailbox, out of its [`Inbox`] (one pointer instead of three); the
     /// connection releases it from the registry when dropped.
     mailbox: Arc<Mailbox>,
@@ -307,7 +307,7 @@ enum HandlerOutcome {
 impl Conn {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        scope: Arc<Scope>,
+        scope: Scope,
         inbox: Inbox,
         consumer: Box<dyn DynConsumer>,
         metered: bool,

@@ -26,7 +26,7 @@ pub(crate) enum UpgradeSource {
 pub(crate) async fn websocket_task(
     shared: Arc<Shared>,
     endpoint: WebsocketEndpoint,
-    scope: Arc<Scope>,
+    scope: Scope,
     source: UpgradeSource,
     tx: oneshot::Sender<Decision>,
     guard: ConnGuard,
@@ -52,7 +52,7 @@ pub(crate) async fn websocket_task(
 async fn open(
     shared: Arc<Shared>,
     endpoint: WebsocketEndpoint,
-    scope: Arc<Scope>,
+    scope: Scope,
     source: UpgradeSource,
     tx: oneshot::Sender<Decision>,
 ) -> Option<(Conn, Upgraded)> {
