@@ -59,17 +59,21 @@ struct Named {
     waiters: usize,
 }
 
+/// One member of a group: 16 bytes, as there is one per connection in a room (a thin `Arc`
+/// for the rare named member keeps the local ones from paying for a wide pointer).
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Member {
     /// A mailbox of this process, by id (no name string kept per membership).
     Local(u64),
     /// Any other channel, by name.
-    Named(Arc<str>),
+    Named(Arc<String>),
 }
 
+/// Where a group send delivers (16 bytes a member, cached per group).
 enum Target {
-    Local(u64, Arc<Mailbox>),
-    Named(Arc<str>),
+    /// A local mailbox (it knows its id).
+    Local(Arc<Mailbox>),
+    Named(Arc<String>),
 }
 
 #[derive(Default)]
@@ -141,7 +145,7 @@ impl Inner {
     fn member_of(&self, channel: &str) -> Member {
         match self.local.parse(channel) {
             Some(id) => Member::Local(id),
-            None => Member::Named(Arc::from(channel)),
+            None => Member::Named(Arc::new(channel.to_owned())),
         }
     }
 
@@ -183,7 +187,7 @@ impl Inner {
         };
         if expired > 0 {
             self.counters().drop(DropReason::Expired, expired, name);
-            self.remove_from_groups(&Member::Named(Arc::from(name)));
+            self.remove_from_groups(&Member::Named(Arc::new(name.to_owned())));
         }
         queued
     }
@@ -238,7 +242,7 @@ impl Inner {
         }
         for (name, n) in expired_channels {
             self.counters().drop(DropReason::Expired, n, &name);
-            self.remove_from_groups(&Member::Named(Arc::from(name.as_str())));
+            self.remove_from_groups(&Member::Named(Arc::new(name.clone())));
         }
         // Local mailboxes whose oldest message expired unread (a stuck consumer).
         for (id, expired) in self.local.purge_expired(now) {
@@ -440,7 +444,7 @@ impl ChannelLayer for MemoryLayer {
                     for member in entry.members.keys() {
                         match member {
                             Member::Local(id) => match inner.local.get(*id) {
-                                Some(mb) => targets.push(Target::Local(*id, mb)),
+                                Some(mb) => targets.push(Target::Local(mb)),
                                 None => dead.push(member.clone()),
                             },
                             Member::Named(name) => targets.push(Target::Named(name.clone())),
@@ -463,11 +467,11 @@ impl ChannelLayer for MemoryLayer {
         let mut gone = Vec::new();
         for target in targets.iter() {
             match target {
-                Target::Local(id, mailbox) => {
-                    match inner.push_local(*id, mailbox, message.clone(), now) {
+                Target::Local(mailbox) => {
+                    match inner.push_local(mailbox.id(), mailbox, message.clone(), now) {
                         Push::Queued { .. } => delivered += 1,
                         Push::Full { .. } => full += 1,
-                        Push::Closed => gone.push(Member::Local(*id)),
+                        Push::Closed => gone.push(Member::Local(mailbox.id())),
                     }
                 }
                 Target::Named(name) => {
@@ -666,6 +670,13 @@ mod tests {
         l.group_send("g", msg! { "type": "gone" }).await.unwrap();
         assert!(l.group_sizes().is_empty());
         assert_eq!(l.stats().memberships_expired, 1);
+    }
+
+    /// A room holds one member and one cached target per connection: keep them at two words.
+    #[test]
+    fn a_membership_is_two_words() {
+        assert_eq!(std::mem::size_of::<Member>(), 16);
+        assert_eq!(std::mem::size_of::<Target>(), 16);
     }
 
     #[tokio::test]
