@@ -379,6 +379,14 @@ impl RedisLayer {
         self.inner.refresh_memberships().await
     }
 
+    /// Starts the receive loops (one per shard) on a thread of their own, and the membership
+    /// refresher on the caller's runtime.
+    ///
+    /// The receive loops drain this process's key into the local mailboxes. On the server's
+    /// runtime they would wait their turn behind every connection task a broadcast woke (with
+    /// one thread per `--workers` process, thousands of them), while other processes keep
+    /// adding to the key, which is capped at the channel capacity like any channel in
+    /// channels_redis: on a thread of their own they drain as soon as Redis answers.
     fn ensure_loops(&self) {
         if self.inner.loops_started.swap(true, Ordering::AcqRel) {
             return;
@@ -387,8 +395,42 @@ impl RedisLayer {
             self.inner.loops_started.store(false, Ordering::Release);
             return;
         };
-        for index in 0..self.inner.shards.len() {
-            handle.spawn(receive_loop(Arc::downgrade(&self.inner), index));
+        let weak = Arc::downgrade(&self.inner);
+        let shards = self.inner.shards.len();
+        let main = handle.clone();
+        let thread = std::thread::Builder::new()
+            .name("canal-redis-rx".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not start the Redis receive thread; receiving on the server's runtime");
+                        for index in 0..shards {
+                            main.spawn(receive_loop(weak.clone(), index, main.clone()));
+                        }
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let mut loops = tokio::task::JoinSet::new();
+                    for index in 0..shards {
+                        loops.spawn(receive_loop(weak.clone(), index, main.clone()));
+                    }
+                    while loops.join_next().await.is_some() {}
+                });
+            });
+        if let Err(e) = thread {
+            tracing::error!(error = %e, "could not start the Redis receive thread; receiving on the server's runtime");
+            for index in 0..shards {
+                handle.spawn(receive_loop(
+                    Arc::downgrade(&self.inner),
+                    index,
+                    handle.clone(),
+                ));
+            }
         }
         handle.spawn(refresher(Arc::downgrade(&self.inner)));
     }
@@ -584,7 +626,9 @@ impl Inner {
 
 /// The process's receive loop on one shard: `BZPOPMIN <prefix>specific.<process>!` forever,
 /// reconnecting with a backoff capped at one second, demultiplexing into local mailboxes.
-async fn receive_loop(inner: Weak<Inner>, index: usize) {
+/// `main` is the server's runtime: the membership refresh after a reconnect runs there, where
+/// the layer's other Redis connections live.
+async fn receive_loop(inner: Weak<Inner>, index: usize, main: tokio::runtime::Handle) {
     let Some(strong) = inner.upgrade() else {
         return;
     };
@@ -623,7 +667,7 @@ async fn receive_loop(inner: Weak<Inner>, index: usize) {
         if down_logged || ever_up {
             tracing::info!(redis = %label, "Redis is back; re-adding group memberships");
             let inner2 = strong.clone();
-            tokio::spawn(async move {
+            main.spawn(async move {
                 if let Err(e) = inner2.refresh_memberships().await {
                     tracing::warn!(error = %e, "could not re-add memberships yet");
                 }
