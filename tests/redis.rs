@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use canal::layer::{RedisConfig, RedisLayer};
+use canal::layer::{CapacityRule, RedisConfig, RedisLayer};
 use canal::prelude::*;
 use canal::{Layer, LayerError, demo};
 use common::*;
@@ -375,6 +375,43 @@ async fn storage_is_what_channels_redis_stores() {
     }
     assert!(matches!(
         canal.send("wire.chan", message.clone()).await,
+        Err(LayerError::ChannelFull(_))
+    ));
+}
+
+/// A process key carries every channel of its process, so canal checks it against ten times
+/// the channel capacity (1,000 by default) unless a `channel_capacity` rule names the channel;
+/// other channels keep the channel capacity.
+#[tokio::test]
+async fn process_keys_hold_ten_times_the_channel_capacity() {
+    let Some(r) = Redis::start().await else {
+        return;
+    };
+    let canal = layer(&r.url(), &[]);
+    let message = msg! { "type": "t" };
+    // A process that never reads its key.
+    let far = "specific.elsewhere!abc";
+    for _ in 0..1000 {
+        canal.send(far, message.clone()).await.unwrap();
+    }
+    assert!(matches!(
+        canal.send(far, message.clone()).await,
+        Err(LayerError::ChannelFull(_))
+    ));
+    // A rule naming the channel wins over the process-key default.
+    let mut config = RedisConfig::from_urls(&r.url());
+    config.layer = config
+        .layer
+        .with_channel_capacity(CapacityRule::glob("specific.ruled!*", 100).unwrap());
+    let ruled = RedisLayer::new(config).unwrap();
+    for _ in 0..100 {
+        ruled
+            .send("specific.ruled!abc", message.clone())
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        ruled.send("specific.ruled!abc", message.clone()).await,
         Err(LayerError::ChannelFull(_))
     ));
 }

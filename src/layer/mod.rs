@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use self::redis::{RedisConfig, RedisLayer, consistent_hash, redact};
+pub use self::redis::{
+    PROCESS_KEY_CAPACITY_FACTOR, RedisConfig, RedisLayer, consistent_hash, redact,
+};
 pub use capacity::CapacityRule;
 pub use local::{Inbox, LocalChannels};
 pub(crate) use local::{Mailbox, Signal};
@@ -147,10 +149,15 @@ impl Default for LayerConfig {
 impl LayerConfig {
     /// The capacity that applies to `channel`.
     pub fn capacity_for(&self, channel: &str) -> usize {
+        self.rule_for(channel).unwrap_or(self.capacity)
+    }
+
+    /// The capacity of the first `channel_capacity` rule matching `channel`, if one does.
+    pub fn rule_for(&self, channel: &str) -> Option<usize> {
         self.channel_capacity
             .iter()
             .find(|rule| rule.matches(channel))
-            .map_or(self.capacity, |rule| rule.capacity)
+            .map(|rule| rule.capacity)
     }
 
     /// Sets the expiry of unread messages.

@@ -56,6 +56,13 @@ const BLOCK_SECS: u64 = 5;
 /// popped one message per round trip could fall behind a burst of group sends from other
 /// processes, and the key would refuse the rest as full.
 const DRAIN_BATCH: usize = 256;
+
+/// A process key (`specific.<process>!`) carries the messages of every channel of one
+/// process (thousands of connections under `canal serve --workers`), so unless a
+/// `channel_capacity` rule names the channel, canal checks it against this many times the
+/// channel capacity: 1,000 by default. channels_redis checks it against the channel's own
+/// capacity (100); Python senders keep doing that, with their own settings.
+pub const PROCESS_KEY_CAPACITY_FACTOR: usize = 10;
 /// Cap of the reconnect backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Connect timeout for every Redis connection.
@@ -442,6 +449,20 @@ impl Inner {
     }
 
     /// Capacity of this process's local channels (overrides match the process prefix).
+    /// The capacity a send to `channel` checks its Redis key against: the channel's own, or
+    /// for a process-specific channel without a rule of its own, the process key's
+    /// ([`PROCESS_KEY_CAPACITY_FACTOR`]).
+    fn key_capacity(&self, channel: &str) -> usize {
+        let layer = &self.config.layer;
+        match layer.rule_for(channel) {
+            Some(capacity) => capacity,
+            None if channel.contains('!') => {
+                layer.capacity.saturating_mul(PROCESS_KEY_CAPACITY_FACTOR)
+            }
+            None => layer.capacity,
+        }
+    }
+
     fn local_capacity(&self) -> usize {
         self.config.layer.capacity_for(self.local.prefix())
     }
@@ -787,7 +808,7 @@ impl ChannelLayer for RedisLayer {
         let shard = &inner.shards[shard_index];
         let now = now_secs();
         let member = inner.serialize(&message);
-        let capacity = inner.config.layer.capacity_for(channel);
+        let capacity = inner.key_capacity(channel);
         let result: Result<i64, LayerError> = async {
             let mut conn = shard.manager().await?;
             SEND_SCRIPT
@@ -973,7 +994,7 @@ impl ChannelLayer for RedisLayer {
                         key,
                         Bundle {
                             names: vec![name],
-                            capacity: inner.config.layer.capacity_for(name),
+                            capacity: inner.key_capacity(name),
                         },
                     ));
                 }
