@@ -363,24 +363,20 @@ async fn a_consumer_that_panicked_still_leaves_its_groups() {
     send_text(&mut victim, "panic").await;
     assert_eq!(close_code(&mut victim).await, 1011);
     drop(victim); // the socket ends now, not at the close timeout
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while crashers(&server) != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the panicked consumer is still in its group"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let settles_at = |size: usize, what: &'static str| {
+        let server = &server;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while crashers(server) != size {
+                assert!(tokio::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    settles_at(1, "the panicked consumer is still in its group").await;
     send_text(&mut stays, "hello").await;
     drop(stays);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while crashers(&server) != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the closed consumer is still in its group"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    settles_at(0, "the closed consumer is still in its group").await;
 }
 
 /// Streams a counter every 100 ms from a task bound to the connection.

@@ -392,8 +392,9 @@ impl RedisLayer {
     /// The receive loops drain this process's key into the local mailboxes. On the server's
     /// runtime they would wait their turn behind every connection task a broadcast woke (with
     /// one thread per `--workers` process, thousands of them), while other processes keep
-    /// adding to the key, which is capped at the channel capacity like any channel in
-    /// channels_redis: on a thread of their own they drain as soon as Redis answers.
+    /// adding to the key, whose capacity is bounded ([`Inner::key_capacity`]): on a thread of
+    /// their own they drain as soon as Redis answers. If that thread cannot be started they
+    /// run on the server's runtime.
     fn ensure_loops(&self) {
         if self.inner.loops_started.swap(true, Ordering::AcqRel) {
             return;
@@ -405,31 +406,23 @@ impl RedisLayer {
         let weak = Arc::downgrade(&self.inner);
         let shards = self.inner.shards.len();
         let main = handle.clone();
-        let thread = std::thread::Builder::new()
-            .name("canal-redis-rx".to_owned())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not start the Redis receive thread; receiving on the server's runtime");
-                        for index in 0..shards {
-                            main.spawn(receive_loop(weak.clone(), index, main.clone()));
-                        }
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let mut loops = tokio::task::JoinSet::new();
-                    for index in 0..shards {
-                        loops.spawn(receive_loop(weak.clone(), index, main.clone()));
-                    }
-                    while loops.join_next().await.is_some() {}
-                });
+        let started = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|runtime| {
+                std::thread::Builder::new()
+                    .name("canal-redis-rx".to_owned())
+                    .spawn(move || {
+                        runtime.block_on(async move {
+                            let mut loops = tokio::task::JoinSet::new();
+                            for index in 0..shards {
+                                loops.spawn(receive_loop(weak.clone(), index, main.clone()));
+                            }
+                            while loops.join_next().await.is_some() {}
+                        });
+                    })
             });
-        if let Err(e) = thread {
+        if let Err(e) = started {
             tracing::error!(error = %e, "could not start the Redis receive thread; receiving on the server's runtime");
             for index in 0..shards {
                 handle.spawn(receive_loop(
@@ -448,7 +441,6 @@ impl Inner {
         self.local.counters()
     }
 
-    /// Capacity of this process's local channels (overrides match the process prefix).
     /// The capacity a send to `channel` checks its Redis key against: the channel's own, or
     /// for a process-specific channel without a rule of its own, the process key's
     /// ([`PROCESS_KEY_CAPACITY_FACTOR`]).
@@ -463,6 +455,7 @@ impl Inner {
         }
     }
 
+    /// Capacity of this process's local channels (overrides match the process prefix).
     fn local_capacity(&self) -> usize {
         self.config.layer.capacity_for(self.local.prefix())
     }

@@ -364,8 +364,9 @@ impl Conn {
         self.rare.as_deref_mut()?.deadline.as_mut()
     }
 
-    /// Takes the client-address count over from the handshake's guard: the open connection
-    /// holds it from now on and gives it back with [`Conn::resume_guard`].
+    /// Takes the connection's count (and its client-address count, if one is kept) over from
+    /// the handshake's guard: the open connection holds it from now on and gives it back with
+    /// [`Conn::resume_guard`].
     pub(crate) fn adopt_guard(&mut self, guard: crate::server::ConnGuard) {
         if let Some(ip) = guard.into_ip() {
             self.rare().ip = Some(ip);
