@@ -43,8 +43,8 @@ pub(crate) enum Command {
 /// Sends are queued to the connection's writer and go out at once, even while the handler is
 /// still running; none of these methods waits for the client. All are cancel-safe.
 pub struct Context {
+    /// The reply channel's mailbox (it knows its id).
     pub(crate) mailbox: Arc<Mailbox>,
-    pub(crate) id: u64,
     pub(crate) scope: Scope,
     pub(crate) layer: Layer,
     /// Tasks from [`spawn`](Self::spawn); boxed, as most consumers spawn none.
@@ -80,7 +80,7 @@ impl Context {
 
     /// This connection's reply channel name (`specific.<process>!<id>`).
     pub fn channel_name(&self) -> String {
-        self.layer.local().name_of(self.id)
+        self.layer.local().name_of(self.mailbox.id())
     }
 
     /// The channel layer.

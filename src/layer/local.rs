@@ -338,9 +338,8 @@ impl LocalChannels {
 
     /// Opens a mailbox owned by the returned [`Inbox`]; dropping the inbox closes it.
     pub fn open(&self, capacity: usize) -> Inbox {
-        let (id, mailbox) = self.register(capacity, false);
+        let (_, mailbox) = self.register(capacity, false);
         Inbox {
-            id,
             mailbox,
             owner: self.clone(),
             handed_off: false,
@@ -521,7 +520,7 @@ impl LocalChannels {
 /// Dropping it closes the mailbox and removes it from the registry; later sends to its name
 /// are counted as [`DropReason::NoReceiver`](crate::layer::DropReason::NoReceiver).
 pub struct Inbox {
-    id: u64,
+    /// Knows its own id.
     mailbox: Arc<Mailbox>,
     owner: LocalChannels,
     /// Set once the mailbox was handed to an owner that releases it itself.
@@ -530,19 +529,19 @@ pub struct Inbox {
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbox").field("id", &self.id).finish()
+        f.debug_struct("Inbox").field("id", &self.id()).finish()
     }
 }
 
 impl Inbox {
     /// The local id.
     pub fn id(&self) -> u64 {
-        self.id
+        self.mailbox.id()
     }
 
     /// The channel name (`specific.<process>!<id>`).
     pub fn name(&self) -> String {
-        self.owner.name_of(self.id)
+        self.owner.name_of(self.id())
     }
 
     pub(crate) fn mailbox(&self) -> &Arc<Mailbox> {

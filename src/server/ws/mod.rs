@@ -59,7 +59,6 @@ async fn open(
     let inbox = shared.layer.new_inbox();
     let cx = Context {
         mailbox: inbox.mailbox().clone(),
-        id: inbox.id(),
         scope: scope.clone(),
         layer: shared.layer.clone(),
         tasks: None,
