@@ -553,19 +553,16 @@ impl Conn {
     }
 
     /// Takes layer messages and socket commands under one lock and applies them (socket
-    /// commands act on the socket, the rest queue up as events for the consumer). True when
-    /// there was anything.
-    fn absorb_all(&mut self) -> bool {
+    /// commands act on the socket, the rest queue up as events for the consumer).
+    fn absorb_all(&mut self) {
         let taken = self.mailbox.take_all(self.now_ms());
         self.count_expired(taken.expired);
-        let any = taken.expired > 0 || !taken.messages.is_empty() || !taken.commands.is_empty();
         for env in taken.messages {
             self.apply_message(env.message);
         }
         for command in taken.commands {
             self.apply_command(command);
         }
-        any
     }
 
     fn count_expired(&self, expired: u64) {
@@ -855,37 +852,34 @@ impl Conn {
 
     /// Writes queued frames until the socket would block. `Err` means the socket is dead.
     ///
-    /// Several small frames are copied into the thread's scratch buffer and written with one
-    /// `write`: a member of a busy room that falls behind then catches up with one system call
-    /// for hundreds of messages (uWebSockets corks the same way), where a vectored write stops
-    /// at 32 frames and costs the kernel per piece. Large frames go out with `writev`, uncopied.
+    /// Small frames, one or several, are copied into the thread's scratch buffer and written
+    /// with one `write`: a member of a busy room that falls behind then catches up with one
+    /// system call for hundreds of messages (uWebSockets corks the same way), where a vectored
+    /// write stops at 32 frames and costs the kernel per piece; and for a lone frame the
+    /// kernel's `send` path is cheaper than `writev` of its header and payload (measured in
+    /// docs/BENCHMARKS.md). Large frames go out with `writev`, uncopied.
     fn poll_flush<S: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut TaskContext<'_>,
         io: &mut S,
-    ) -> Result<bool, ()> {
-        let mut progressed = false;
+    ) -> Result<(), ()> {
         loop {
             let Some(queue) = self.out.as_deref_mut() else {
-                return Ok(progressed);
+                return Ok(());
             };
             if queue.frames.is_empty() {
                 self.out = None;
-                return Ok(progressed);
+                return Ok(());
             }
-            let result = if queue.frames.len() > 1 {
-                SCRATCH_BUF.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    let len = gather(queue, &mut scratch[..]);
-                    if len == 0 {
-                        None
-                    } else {
-                        Some(Pin::new(&mut *io).poll_write(cx, &scratch[..len]))
-                    }
-                })
-            } else {
-                None
-            };
+            let result = SCRATCH_BUF.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let len = gather(queue, &mut scratch[..]);
+                if len == 0 {
+                    None
+                } else {
+                    Some(Pin::new(&mut *io).poll_write(cx, &scratch[..len]))
+                }
+            });
             let result = match result {
                 Some(result) => result,
                 None => {
@@ -895,12 +889,9 @@ impl Conn {
                 }
             };
             match result {
-                Poll::Pending => return Ok(progressed),
+                Poll::Pending => return Ok(()),
                 Poll::Ready(Err(_)) | Poll::Ready(Ok(0)) => return Err(()),
-                Poll::Ready(Ok(written)) => {
-                    progressed = true;
-                    queue.consume(written);
-                }
+                Poll::Ready(Ok(written)) => queue.consume(written),
             }
         }
     }
@@ -1197,7 +1188,10 @@ impl Conn {
             // Pushes while this poll runs (the handler's own sends, a group send from this
             // connection's handler) need not wake the task: end_poll looks before it sleeps.
             self.mailbox.begin_poll();
-            let mut progressed = false;
+            // `again`: what happened may have made more work for this same loop (bytes read,
+            // a handler done). Taking from the mailbox and writing do not: after them the
+            // mailbox is asked once more, under its lock, before the task sleeps.
+            let mut again = false;
 
             let signals = self.mailbox.take_signals();
             if signals & Signal::Shutdown as u8 != 0 {
@@ -1211,7 +1205,7 @@ impl Conn {
                 && self.pending.len() < self.shared.config.max_pending_events
             {
                 match self.poll_read(cx, io) {
-                    Poll::Ready(true) => progressed = true,
+                    Poll::Ready(true) => again = true,
                     Poll::Ready(false) => {
                         // EOF or reset without a close frame.
                         if !self.close_sent {
@@ -1224,12 +1218,12 @@ impl Conn {
                 }
             }
 
-            if self.phase != Phase::Closed && self.absorb_all() {
-                progressed = true;
+            if self.phase != Phase::Closed {
+                self.absorb_all();
             }
 
             if let Some(outcome) = self.poll_handler(cx) {
-                progressed = true;
+                again = true;
                 self.report(&outcome);
                 if !matches!(outcome, HandlerOutcome::Ok) {
                     self.start_close(close_code::INTERNAL, "");
@@ -1249,13 +1243,9 @@ impl Conn {
                 yielding = true;
             }
 
-            match self.poll_flush(cx, io) {
-                Ok(true) => progressed = true,
-                Ok(false) => {}
-                Err(()) => {
-                    self.phase = Phase::Closed;
-                    self.out = None;
-                }
+            if self.poll_flush(cx, io).is_err() {
+                self.phase = Phase::Closed;
+                self.out = None;
             }
 
             if self.phase == Phase::Closed && self.out.is_none() {
@@ -1275,7 +1265,7 @@ impl Conn {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            if !progressed {
+            if !again {
                 let more = self.mailbox.end_poll();
                 // A closed connection takes nothing more from its mailbox.
                 if !more || self.phase == Phase::Closed {
