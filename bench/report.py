@@ -161,16 +161,24 @@ def why(x):
     return "; ".join(r)
 
 
-def same_rate(va, vb):
-    """(rate, canal/peer server CPU per delivery) at the highest rate both ran clean."""
+def same_rate(va, vb, key):
+    """(rate, canal/peer of `key(step)`) at the highest rate both ran clean."""
     ca = {x.get("rate"): x for x in va.get("steps") or [] if x.get("clean")}
     cb = {x.get("rate"): x for x in vb.get("steps") or [] if x.get("clean")}
     common = sorted(set(ca) & set(cb))
     if not common:
         return None
     r = common[-1]
-    a, b = ca[r].get("server_cpu_us_per_delivery"), cb[r].get("server_cpu_us_per_delivery")
+    a, b = key(ca[r]), key(cb[r])
     return (r, a / b) if a is not None and b else None
+
+
+def step_cpu(x):
+    return x.get("server_cpu_us_per_delivery")
+
+
+def step_p99(x):
+    return (x.get("latency") or {}).get("p99_us")
 
 
 def fanout(d, redis=False):
@@ -205,8 +213,8 @@ def fanout(d, redis=False):
             f"| {num(g('server_cpu_pct'))}{' (A only)' if redis else ''} | {num(gen)}{flag} | {end} |"
         )
     out += ["", "Columns after the rate are medians over rounds at each round's last clean step. Ratios canal / peer within each round at the last clean step:", ""]
-    out.append("| canal vs | zero-loss deliveries/s | server CPU per delivery | p99 | server CPU per delivery at the same rate (rate per round) |")
-    out.append("|---|---|---|---|---|")
+    out.append("| canal vs | zero-loss deliveries/s | server CPU per delivery | p99 | at the same rate (per round): server CPU per delivery | p99 |")
+    out.append("|---|---|---|---|---|---|")
 
     def at_best(f):
         return lambda v: (lambda b: f(b) if b else None)(fan_best(v)[0])
@@ -222,15 +230,17 @@ def fanout(d, redis=False):
             f"| {NAMES.get(s, s)} | {ratio_cell(d['canal'], d[s], at_best(lambda b: b.get('deliveries_per_s')))} "
             f"| {ratio_cell(d['canal'], d[s], cpu_key)} "
             f"| {ratio_cell(d['canal'], d[s], at_best(lambda b: (b.get('latency') or {}).get('p99_us')))} "
-            f"| {same_rate_cell(d['canal'], d[s]) if not redis else '-'} |"
+            f"| {same_rate_cell(d['canal'], d[s], step_cpu) if not redis else '-'} "
+            f"| {same_rate_cell(d['canal'], d[s], step_p99) if not redis else '-'} |"
         )
-    out += ["", "CPU per delivery falls as the rate rises (more messages per wake and per write), so the last"
-            " column compares both servers at the highest rate both ran clean in that round."]
+    out += ["", "CPU per delivery falls as the rate rises (more messages per wake and per write) and p99 grows"
+            " with it, so the last two columns compare both servers at the highest rate both ran clean in"
+            " that round."]
     return out
 
 
-def same_rate_cell(ra, rb):
-    rs = [same_rate(ra[r], rb[r]) for r in sorted(set(ra) & set(rb))]
+def same_rate_cell(ra, rb, key):
+    rs = [same_rate(ra[r], rb[r], key) for r in sorted(set(ra) & set(rb))]
     rs = [x for x in rs if x]
     if not rs:
         return "-"
