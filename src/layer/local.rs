@@ -83,6 +83,10 @@ pub(crate) struct Mailbox {
     owner_polling: AtomicBool,
     /// Created by `new_channel()` rather than owned by a connection.
     detached: bool,
+    /// A wake for this mailbox waits in a [`DeferredWakes`] that has not run it yet, so a
+    /// deferring push need not list it again. Set by pushers under the queue lock; cleared by
+    /// the list when it wakes the owner.
+    wake_deferred: AtomicBool,
     /// Coarse activity stamp (seconds) kept by the owner, read by sweepers.
     pub(crate) activity: AtomicU32,
     /// The local id (in the registry and in the channel name), so an owner holding just the
@@ -101,6 +105,7 @@ impl Mailbox {
             closed: AtomicBool::new(false),
             owner_polling: AtomicBool::new(false),
             detached,
+            wake_deferred: AtomicBool::new(false),
             activity: AtomicU32::new(0),
         }
     }
@@ -110,30 +115,75 @@ impl Mailbox {
         self.id
     }
 
-    /// Queues a message unless full or closed, purging expired messages at the head first.
+    /// Queues a message unless full or closed, purging expired messages at the head first,
+    /// and wakes the owner.
     pub(crate) fn push(&self, message: Message, now_ms: u64, expires_ms: u64) -> Push {
-        if self.closed.load(Ordering::Acquire) {
-            return Push::Closed;
-        }
-        let (outcome, wake) = {
-            let mut queues = self.queue.lock();
-            let queue = &mut queues.messages;
-            let expired = purge_expired(queue, now_ms);
-            if queue.len() >= self.capacity as usize {
-                (Push::Full { expired }, false)
-            } else {
-                queue.push_back(Envelope {
-                    message,
-                    expires_ms,
-                });
-                let wake = !self.owner_polling.load(Ordering::Relaxed);
-                (Push::Queued { expired }, wake)
-            }
-        };
-        if wake {
+        let (outcome, wake, _) = self.enqueue(message, now_ms, expires_ms, false);
+        if wake == Wake::Now {
             self.waker.wake();
         }
         outcome
+    }
+
+    /// [`push`](Self::push), but the owner's wake is left to `wakes`, which runs it later (and
+    /// only once however many pushes come before it does).
+    pub(crate) fn push_deferred(
+        self: &Arc<Self>,
+        message: Message,
+        now_ms: u64,
+        expires_ms: u64,
+        wakes: &mut DeferredWakes,
+    ) -> Push {
+        let (outcome, wake, crowded) = self.enqueue(message, now_ms, expires_ms, true);
+        match wake {
+            Wake::Now => self.waker.wake(),
+            Wake::Listed => wakes.mailboxes.push(self.clone()),
+            Wake::No => {}
+        }
+        wakes.crowded |= crowded;
+        outcome
+    }
+
+    /// Queues under the lock; also says what wake the owner is owed and whether the queue
+    /// now holds seven eighths of its capacity or more.
+    fn enqueue(
+        &self,
+        message: Message,
+        now_ms: u64,
+        expires_ms: u64,
+        defer: bool,
+    ) -> (Push, Wake, bool) {
+        if self.closed.load(Ordering::Acquire) {
+            return (Push::Closed, Wake::No, false);
+        }
+        let mut queues = self.queue.lock();
+        let queue = &mut queues.messages;
+        let expired = purge_expired(queue, now_ms);
+        if queue.len() >= self.capacity as usize {
+            return (Push::Full { expired }, Wake::No, true);
+        }
+        queue.push_back(Envelope {
+            message,
+            expires_ms,
+        });
+        let crowded = queue.len() * 8 >= self.capacity as usize * 7;
+        let wake = if self.owner_polling.load(Ordering::Relaxed) {
+            Wake::No
+        } else if !defer {
+            Wake::Now
+        } else if self.wake_deferred.swap(true, Ordering::Relaxed) {
+            Wake::No // a list already owes it one
+        } else {
+            Wake::Listed
+        };
+        (Push::Queued { expired }, wake, crowded)
+    }
+
+    /// Runs a deferred wake: wakes the owner unless another list already did.
+    fn wake_if_deferred(&self) {
+        if self.wake_deferred.swap(false, Ordering::Relaxed) {
+            self.waker.wake();
+        }
     }
 
     /// Takes every queued message (the queue's buffer goes with them, so an idle mailbox holds
@@ -260,6 +310,105 @@ impl Mailbox {
     }
 }
 
+/// What a push owes the owner.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    No,
+    Now,
+    /// A deferred wake, to be listed.
+    Listed,
+}
+
+/// The wakes one large group send owes its members, listed while it pushes and then handed
+/// to [`LocalChannels::run_wakes`].
+///
+/// A group send to N members used to wake N tasks at once: they all queued behind one another,
+/// and the sender's connection, woken by its socket, queued behind all of them, so a message
+/// that arrived meanwhile waited for that whole pass before it was even pushed, then for its
+/// own pass. Waking [`WAKE_CHUNK`] members at a time, with a yield between chunks, lets the
+/// sender run within about one chunk: a later message lands in the mailboxes of the members
+/// not woken yet and goes out with the earlier one in the same pass. Members are still woken
+/// once per pass and take everything queued for them with one write, so the CPU per delivery
+/// is the same; the wait for a whole earlier pass is gone.
+///
+/// Dropping a list that was not handed over wakes whoever it owes, so no wake is lost.
+#[derive(Default)]
+pub(crate) struct DeferredWakes {
+    mailboxes: Vec<Arc<Mailbox>>,
+    /// A push found its mailbox seven eighths full or more: the passes are falling behind
+    /// the sends, and the sender should wait for the one under way ([`LocalChannels::run_wakes`]).
+    crowded: bool,
+}
+
+/// Members woken per chunk: about the most a socket-woken task waits behind a large group send.
+pub(crate) const WAKE_CHUNK: usize = 128;
+
+impl Drop for DeferredWakes {
+    fn drop(&mut self) {
+        for mailbox in self.mailboxes.drain(..) {
+            mailbox.wake_if_deferred();
+        }
+    }
+}
+
+/// The wakes deferred by group sends, in the order they became owed, so that every member is
+/// woken once per pass in turn: a member woken recently is listed again behind the ones still
+/// waiting, never ahead of them.
+#[derive(Default)]
+struct WakeQueue {
+    owed: VecDeque<Arc<Mailbox>>,
+    /// A task (or the caller) is working through `owed`.
+    running: bool,
+}
+
+/// The task that works through the wake queue; if it is dropped unfinished (its runtime shut
+/// down), it wakes everyone still owed, and the next group send starts a new one.
+struct WakeRunner {
+    registry: Arc<Registry>,
+    done: bool,
+}
+
+impl WakeRunner {
+    /// Wakes one chunk; true when nothing is owed any more.
+    fn step(&mut self) -> bool {
+        self.done = self.registry.wake_chunk(WAKE_CHUNK);
+        self.done
+    }
+}
+
+impl Drop for WakeRunner {
+    fn drop(&mut self) {
+        if !self.done {
+            while !self.registry.wake_chunk(usize::MAX) {}
+        }
+    }
+}
+
+impl Registry {
+    /// Wakes up to `n` owed members, oldest first; true when the queue is empty (and no one is
+    /// running it any more).
+    fn wake_chunk(&self, n: usize) -> bool {
+        let (chunk, done) = {
+            let mut queue = self.wakes.lock();
+            let n = n.min(queue.owed.len());
+            let chunk: Vec<Arc<Mailbox>> = queue.owed.drain(..n).collect();
+            let done = queue.owed.is_empty();
+            if done {
+                queue.owed = VecDeque::new();
+                queue.running = false;
+            }
+            (chunk, done)
+        };
+        for mailbox in chunk {
+            mailbox.wake_if_deferred();
+        }
+        if done {
+            self.wakes_done.notify_waiters();
+        }
+        done
+    }
+}
+
 fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
     let mut n = 0;
     while queue.front().is_some_and(|e| e.expires_ms <= now_ms) {
@@ -279,6 +428,9 @@ struct Registry {
     shards: Box<[Shard]>,
     clock_base: Instant,
     counters: Counters,
+    wakes: Mutex<WakeQueue>,
+    /// Notified each time the wake queue runs empty.
+    wakes_done: tokio::sync::Notify,
 }
 
 /// The registry of this process's local channels, shared by the layer and the server.
@@ -309,6 +461,8 @@ impl LocalChannels {
                 shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
                 clock_base: Instant::now(),
                 counters: Counters::default(),
+                wakes: Mutex::new(WakeQueue::default()),
+                wakes_done: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -432,29 +586,28 @@ impl LocalChannels {
         Ok(message)
     }
 
-    /// Pushes `message` into local channel `id`'s mailbox, to expire `expiry_ms` from now, and
+    /// Pushes `message` into a local channel's mailbox, to expire `expiry_ms` from now, and
     /// counts the expired messages the push purged on the way (the caller counts the rest).
-    pub(crate) fn deliver(
-        &self,
-        id: u64,
-        mailbox: &Mailbox,
-        message: Message,
-        expiry_ms: u64,
-    ) -> Push {
-        self.deliver_at(id, mailbox, message, self.now_ms(), expiry_ms)
+    pub(crate) fn deliver(&self, mailbox: &Arc<Mailbox>, message: Message, expiry_ms: u64) -> Push {
+        self.deliver_at(mailbox, message, self.now_ms(), expiry_ms, None)
     }
 
     /// [`deliver`](Self::deliver) at a time the caller read once for many deliveries (a group
-    /// send reads the clock once, not once per member).
+    /// send reads the clock once, not once per member), leaving the owner's wake to `wakes`
+    /// when given.
     pub(crate) fn deliver_at(
         &self,
-        id: u64,
-        mailbox: &Mailbox,
+        mailbox: &Arc<Mailbox>,
         message: Message,
         now: u64,
         expiry_ms: u64,
+        wakes: Option<&mut DeferredWakes>,
     ) -> Push {
-        let outcome = mailbox.push(message, now, now + expiry_ms);
+        let id = mailbox.id;
+        let outcome = match wakes {
+            Some(wakes) => mailbox.push_deferred(message, now, now + expiry_ms, wakes),
+            None => mailbox.push(message, now, now + expiry_ms),
+        };
         if let Push::Queued { expired } | Push::Full { expired } = outcome
             && expired > 0
         {
@@ -462,6 +615,69 @@ impl LocalChannels {
                 .drop(DropReason::Expired, expired, &self.name_of(id));
         }
         outcome
+    }
+
+    /// Runs the wakes a group send deferred, behind those still owed from earlier sends: the
+    /// first chunk at once when none are, the rest from a task, a chunk per turn of the
+    /// scheduler (all at once when there is no Tokio runtime to run that task).
+    ///
+    /// When a push found its mailbox seven eighths full or more, this also waits until the
+    /// wake queue has run empty. That is the back-pressure of a large room: the passes are
+    /// falling behind the sends, so the sender's handler waits for the one under way, the
+    /// sender's connection stops reading, and its client's socket fills, instead of members'
+    /// mailboxes overflowing. (A sender that ran only after every member, as when all were
+    /// woken at once, got the same back-pressure from the scheduler.)
+    pub(crate) async fn run_wakes(&self, wakes: DeferredWakes) {
+        let crowded = wakes.crowded;
+        self.start_wakes(wakes);
+        if crowded {
+            self.wakes_run().await;
+        }
+    }
+
+    /// Waits until the wake queue is empty.
+    async fn wakes_run(&self) {
+        loop {
+            let notified = self.inner.wakes_done.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if !self.inner.wakes.lock().running {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn start_wakes(&self, mut wakes: DeferredWakes) {
+        if wakes.mailboxes.is_empty() {
+            return;
+        }
+        {
+            let mut queue = self.inner.wakes.lock();
+            queue.owed.extend(wakes.mailboxes.drain(..));
+            if queue.running {
+                return;
+            }
+            queue.running = true;
+        }
+        if self.inner.wake_chunk(WAKE_CHUNK) {
+            return;
+        }
+        let mut runner = WakeRunner {
+            registry: self.inner.clone(),
+            done: false,
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                loop {
+                    tokio::task::yield_now().await;
+                    if runner.step() {
+                        return;
+                    }
+                }
+            });
+        }
+        // Without a runtime, dropping the runner here wakes the rest.
     }
 
     /// Calls `f` with the name of every open local channel.
@@ -584,5 +800,68 @@ impl Drop for Inbox {
         if !self.handed_off {
             self.owner.release(&self.mailbox);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Wake, Waker};
+
+    use super::*;
+    use crate::msg;
+
+    /// A waker that counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn woken(count: &Count) -> usize {
+        count.0.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_deferred_wake_is_listed_once_and_never_lost() {
+        let registry = LocalChannels::new("test");
+        let inbox = registry.open(10);
+        let mailbox = inbox.mailbox().clone();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        mailbox.register(&mut Context::from_waker(&waker));
+
+        let mut wakes = DeferredWakes::default();
+        for _ in 0..3 {
+            let pushed = mailbox.push_deferred(msg! { "type": "x" }, 0, u64::MAX, &mut wakes);
+            assert_eq!(pushed, Push::Queued { expired: 0 });
+        }
+        assert_eq!(wakes.mailboxes.len(), 1, "three pushes, one wake owed");
+        assert_eq!(woken(&count), 0, "the wake waits for the list");
+        drop(wakes);
+        assert_eq!(woken(&count), 1, "a dropped list runs the wakes it owed");
+
+        // Once run, the next deferring push lists the mailbox again.
+        mailbox.register(&mut Context::from_waker(&waker));
+        let mut wakes = DeferredWakes::default();
+        mailbox.push_deferred(msg! { "type": "x" }, 0, u64::MAX, &mut wakes);
+        assert_eq!(wakes.mailboxes.len(), 1);
+        registry.start_wakes(wakes); // no runtime here: all at once
+        assert_eq!(woken(&count), 2);
+        assert_eq!(inbox.mailbox().take_all(0).messages.len(), 4);
+    }
+
+    #[test]
+    fn a_polling_owner_is_not_listed_and_finds_the_message_before_it_sleeps() {
+        let registry = LocalChannels::new("test");
+        let inbox = registry.open(10);
+        let mailbox = inbox.mailbox().clone();
+        mailbox.begin_poll();
+        let mut wakes = DeferredWakes::default();
+        mailbox.push_deferred(msg! { "type": "x" }, 0, u64::MAX, &mut wakes);
+        assert!(wakes.mailboxes.is_empty());
+        assert!(mailbox.end_poll(), "the owner sees it before sleeping");
     }
 }

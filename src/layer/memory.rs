@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::local::{Envelope, Mailbox, Push};
+use super::local::{DeferredWakes, Envelope, Mailbox, Push, WAKE_CHUNK};
 use super::stats::{Counters, DropReason};
 use super::{
     ChannelLayer, LayerConfig, LayerError, LayerStats, LocalChannels, check_outgoing, normalize,
@@ -192,15 +192,21 @@ impl Inner {
         queued
     }
 
-    fn push_local(&self, id: u64, mailbox: &Mailbox, message: Message, now: u64) -> Push {
+    fn push_local(
+        &self,
+        mailbox: &Arc<Mailbox>,
+        message: Message,
+        now: u64,
+        wakes: Option<&mut DeferredWakes>,
+    ) -> Push {
         let outcome = self
             .local
-            .deliver_at(id, mailbox, message, now, self.expiry_ms());
+            .deliver_at(mailbox, message, now, self.expiry_ms(), wakes);
         if let Push::Queued { expired } | Push::Full { expired } = outcome
             && expired > 0
         {
             // A message expired unread: its channel leaves its groups, as Channels requires.
-            self.remove_from_groups(&Member::Local(id));
+            self.remove_from_groups(&Member::Local(mailbox.id()));
         }
         outcome
     }
@@ -301,7 +307,7 @@ impl ChannelLayer for MemoryLayer {
                 inner.counters().drop(DropReason::NoReceiver, 1, channel);
                 return Ok(());
             };
-            return match inner.push_local(id, &mailbox, message, inner.local.now_ms()) {
+            return match inner.push_local(&mailbox, message, inner.local.now_ms(), None) {
                 Push::Queued { .. } => {
                     inner
                         .counters()
@@ -465,10 +471,12 @@ impl ChannelLayer for MemoryLayer {
         let mut delivered = 0u64;
         let mut full = 0u64;
         let mut gone = Vec::new();
+        // A large room's wakes go out a chunk at a time (see `DeferredWakes`).
+        let mut wakes = (targets.len() > WAKE_CHUNK).then(DeferredWakes::default);
         for target in targets.iter() {
             match target {
                 Target::Local(mailbox) => {
-                    match inner.push_local(mailbox.id(), mailbox, message.clone(), now) {
+                    match inner.push_local(mailbox, message.clone(), now, wakes.as_mut()) {
                         Push::Queued { .. } => delivered += 1,
                         Push::Full { .. } => full += 1,
                         Push::Closed => gone.push(Member::Local(mailbox.id())),
@@ -504,6 +512,9 @@ impl ChannelLayer for MemoryLayer {
             for member in gone {
                 inner.remove_from_groups(&member);
             }
+        }
+        if let Some(wakes) = wakes {
+            inner.local.run_wakes(wakes).await;
         }
         Ok(())
     }
@@ -698,6 +709,102 @@ mod tests {
         assert_eq!(a.recv().await.kind(), Some("more"));
         assert_eq!(l.stats().dropped_full, 1);
         assert_eq!(l.stats().group_deliveries, 3);
+    }
+
+    /// A large room's wakes go out a chunk at a time, so a task that becomes ready after the
+    /// group send (here the sender itself, after a yield) runs before most members do, not
+    /// after all of them: a message that reaches a busy sender's socket meanwhile is pushed
+    /// within about one chunk, and goes out in the same pass as this one to every member not
+    /// woken yet.
+    #[test]
+    fn a_large_group_send_lets_other_tasks_run_between_chunks_of_wakes() {
+        const N: usize = 1000;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let l = MemoryLayer::new(LayerConfig::default());
+            let sender_went_on = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for _ in 0..N {
+                let inbox = l.new_inbox();
+                l.group_add("big", &inbox.name()).await.unwrap();
+                let (flag, tx) = (sender_went_on.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let m = inbox.recv().await;
+                    let _ = tx.send((m, flag.load(std::sync::atomic::Ordering::Relaxed)));
+                });
+            }
+            drop(tx);
+            // Every member is now waiting on its inbox.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let sender = {
+                let (l, flag) = (l.clone(), sender_went_on.clone());
+                tokio::spawn(async move {
+                    let m = msg! { "type": "chat.message", "text": "hi" };
+                    l.group_send("big", m).await.unwrap();
+                    tokio::task::yield_now().await;
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                })
+            };
+            sender.await.unwrap();
+            let (mut received, mut after_sender) = (0, 0);
+            while let Some((m, went_on)) = rx.recv().await {
+                assert_eq!(m.str("text").unwrap(), "hi");
+                received += 1;
+                after_sender += usize::from(went_on);
+            }
+            assert_eq!(received, N, "every member woken, none lost");
+            assert!(
+                after_sender >= N / 2,
+                "the sender ran again before most members ({after_sender} of {N} after it)"
+            );
+        });
+    }
+
+    /// A sender that outruns a large room waits for the members instead of overflowing their
+    /// mailboxes: nothing is dropped and everyone gets everything, in order.
+    #[test]
+    fn a_large_room_holds_back_a_sender_that_outruns_it() {
+        const N: usize = 300;
+        const SENDS: usize = 500;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let l = MemoryLayer::new(LayerConfig::default().with_capacity(8));
+            let mut members = Vec::new();
+            for _ in 0..N {
+                let inbox = l.new_inbox();
+                l.group_add("big", &inbox.name()).await.unwrap();
+                members.push(tokio::spawn(async move {
+                    for i in 0..SENDS {
+                        let m = inbox.recv().await;
+                        assert_eq!(m.get("n").and_then(|v| v.as_i64()), Some(i as i64));
+                    }
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let sender = {
+                let l = l.clone();
+                // Never yields of its own accord: only a waiting group_send lets members run.
+                tokio::spawn(async move {
+                    for n in 0..SENDS {
+                        l.group_send("big", msg! { "type": "x", "n": n as i64 })
+                            .await
+                            .unwrap();
+                    }
+                })
+            };
+            sender.await.unwrap();
+            for member in members {
+                member.await.unwrap();
+            }
+            assert_eq!(l.stats().dropped_full, 0);
+            assert_eq!(l.stats().group_deliveries, (N * SENDS) as u64);
+        });
     }
 
     #[tokio::test]

@@ -508,7 +508,7 @@ impl Inner {
             return false;
         };
         let expiry = self.config.layer.expiry.as_millis() as u64;
-        match self.local.deliver(id, &mailbox, message, expiry) {
+        match self.local.deliver(&mailbox, message, expiry) {
             Push::Queued { .. } => true,
             Push::Full { .. } => {
                 self.counters()
