@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::local::{DeferredWakes, Envelope, Mailbox, Push, WAKE_CHUNK};
+use super::local::{DEFER_WAKES_ABOVE, DeferredWakes, Envelope, Mailbox, Push};
 use super::stats::{Counters, DropReason};
 use super::{
     ChannelLayer, LayerConfig, LayerError, LayerStats, LocalChannels, check_outgoing, normalize,
@@ -472,7 +472,7 @@ impl ChannelLayer for MemoryLayer {
         let mut full = 0u64;
         let mut gone = Vec::new();
         // A large room's wakes go out a chunk at a time (see `DeferredWakes`).
-        let mut wakes = (targets.len() > WAKE_CHUNK).then(DeferredWakes::default);
+        let mut wakes = (targets.len() > DEFER_WAKES_ABOVE).then(DeferredWakes::default);
         for target in targets.iter() {
             match target {
                 Target::Local(mailbox) => {
@@ -718,7 +718,7 @@ mod tests {
     /// woken yet.
     #[test]
     fn a_large_group_send_lets_other_tasks_run_between_chunks_of_wakes() {
-        const N: usize = 1000;
+        const N: usize = 2 * DEFER_WAKES_ABOVE;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -767,7 +767,7 @@ mod tests {
     /// mailboxes: nothing is dropped and everyone gets everything, in order.
     #[test]
     fn a_large_room_holds_back_a_sender_that_outruns_it() {
-        const N: usize = 300;
+        const N: usize = DEFER_WAKES_ABOVE + 100;
         const SENDS: usize = 500;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -781,7 +781,9 @@ mod tests {
                 l.group_add("big", &inbox.name()).await.unwrap();
                 members.push(tokio::spawn(async move {
                     for i in 0..SENDS {
-                        let m = inbox.recv().await;
+                        let m = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+                            .await
+                            .expect("a message was lost");
                         assert_eq!(m.get("n").and_then(|v| v.as_i64()), Some(i as i64));
                     }
                 }));
