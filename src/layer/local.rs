@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
@@ -89,6 +89,10 @@ pub(crate) struct Mailbox {
     wake_deferred: AtomicBool,
     /// Coarse activity stamp (seconds) kept by the owner, read by sweepers.
     pub(crate) activity: AtomicU32,
+    /// How many messages the owner took at once last time: the first push into the emptied
+    /// queue reserves that much, so a member of a busy room does not grow its queue from four
+    /// slots by doubling on every visit. Kept under the queue lock.
+    batch: AtomicU16,
     /// The local id (in the registry and in the channel name), so an owner holding just the
     /// mailbox knows its name.
     id: u64,
@@ -107,6 +111,7 @@ impl Mailbox {
             detached,
             wake_deferred: AtomicBool::new(false),
             activity: AtomicU32::new(0),
+            batch: AtomicU16::new(0),
         }
     }
 
@@ -162,6 +167,12 @@ impl Mailbox {
         if queue.len() >= self.capacity as usize {
             return (Push::Full { expired }, Wake::No, true);
         }
+        if queue.capacity() == 0 {
+            let batch = usize::from(self.batch.load(Ordering::Relaxed));
+            if batch > 4 {
+                queue.reserve(batch.min(self.capacity as usize));
+            }
+        }
         queue.push_back(Envelope {
             message,
             expires_ms,
@@ -202,6 +213,8 @@ impl Mailbox {
             if queues.messages.is_empty() && queues.commands.is_empty() {
                 return Taken::default();
             }
+            let batch = u16::try_from(queues.messages.len()).unwrap_or(u16::MAX);
+            self.batch.store(batch, Ordering::Relaxed);
             Taken {
                 messages: std::mem::take(&mut queues.messages),
                 commands: std::mem::take(&mut queues.commands),

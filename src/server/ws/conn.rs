@@ -557,6 +557,12 @@ impl Conn {
     fn absorb_all(&mut self) {
         let taken = self.mailbox.take_all(self.now_ms());
         self.count_expired(taken.expired);
+        if taken.messages.len() > 1 && self.accepted && self.phase == Phase::Open {
+            // Most become frames (a busy room's fastlane): room for them at once rather than
+            // growing the queue by doubling.
+            let queue = self.out.get_or_insert_with(Box::default);
+            queue.frames.reserve(taken.messages.len());
+        }
         for env in taken.messages {
             self.apply_message(env.message);
         }
@@ -578,10 +584,11 @@ impl Conn {
     /// The one rule for layer messages: `websocket.send` / `websocket.accept` /
     /// `websocket.close` act on the socket; every other type goes to the consumer.
     fn apply_message(&mut self, message: Message) {
+        let kind = message.kind();
         if self.metered {
-            self.shared.stats.layer.received.count(message.kind());
+            self.shared.stats.layer.received.count(kind);
         }
-        match message.kind() {
+        match kind {
             Some("websocket.send") => {
                 // Channels 1: sending content before accepting accepts.
                 if message.get("accept").and_then(|v| v.as_bool()) == Some(true) || !self.accepted {
