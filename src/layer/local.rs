@@ -399,7 +399,8 @@ impl WakeRunner {
 impl Drop for WakeRunner {
     fn drop(&mut self) {
         if !self.done {
-            while !self.registry.wake_chunk(usize::MAX) {}
+            // One call takes everything owed and leaves the queue idle.
+            self.registry.wake_chunk(usize::MAX);
         }
     }
 }
@@ -651,12 +652,12 @@ impl LocalChannels {
         let crowded = wakes.crowded;
         self.start_wakes(wakes);
         if crowded {
-            self.wakes_run().await;
+            self.wait_for_wakes().await;
         }
     }
 
     /// Waits until the wake queue is empty.
-    async fn wakes_run(&self) {
+    async fn wait_for_wakes(&self) {
         loop {
             let notified = self.inner.wakes_done.notified();
             let mut notified = std::pin::pin!(notified);
