@@ -10,7 +10,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
@@ -51,7 +53,20 @@ pub(crate) enum Push {
     Closed,
 }
 
-/// What [`Mailbox::take_all`] hands the owner.
+/// Who reads a mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Owner {
+    /// An [`Inbox`], one message at a time.
+    Inbox = 0,
+    /// Nobody in particular: a channel made by `new_channel()`, read by whoever asks for it.
+    Detached = 1,
+    /// A connection, which takes the whole mailbox each time its task runs
+    /// ([`LocalChannels::take_all`]), so a sender may wait for it to do so ([`Watch`]).
+    Connection = 2,
+}
+
+/// What [`LocalChannels::take_all`] hands the owner.
 #[derive(Default)]
 pub(crate) struct Taken {
     pub(crate) messages: VecDeque<Envelope>,
@@ -81,8 +96,11 @@ pub(crate) struct Mailbox {
     /// sleeps ([`Mailbox::end_poll`]), so a push needs no wake: waking a running task costs it
     /// one more whole poll. Cleared under the queue lock, read under it by pushers.
     owner_polling: AtomicBool,
-    /// Created by `new_channel()` rather than owned by a connection.
-    detached: bool,
+    /// Who reads it ([`Owner`]).
+    owner: AtomicU8,
+    /// A group send found this mailbox crowded and waits until its owner has taken it (see
+    /// [`Watch`]). Set and cleared under the queue lock.
+    watched: AtomicBool,
     /// A wake for this mailbox waits in a [`DeferredWakes`] that has not run it yet, so a
     /// deferring push need not list it again. Set by pushers under the queue lock; cleared by
     /// the list when it wakes the owner.
@@ -99,7 +117,7 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
-    fn new(id: u64, capacity: usize, detached: bool) -> Self {
+    fn new(id: u64, capacity: usize, owner: Owner) -> Self {
         Mailbox {
             id,
             queue: Mutex::new(Queues::default()),
@@ -108,7 +126,8 @@ impl Mailbox {
             signals: AtomicU8::new(0),
             closed: AtomicBool::new(false),
             owner_polling: AtomicBool::new(false),
-            detached,
+            owner: AtomicU8::new(owner as u8),
+            watched: AtomicBool::new(false),
             wake_deferred: AtomicBool::new(false),
             activity: AtomicU32::new(0),
             batch: AtomicU16::new(0),
@@ -123,7 +142,7 @@ impl Mailbox {
     /// Queues a message unless full or closed, purging expired messages at the head first,
     /// and wakes the owner.
     pub(crate) fn push(&self, message: Message, now_ms: u64, expires_ms: u64) -> Push {
-        let (outcome, wake, _) = self.enqueue(message, now_ms, expires_ms, false);
+        let (outcome, wake, _) = self.enqueue(message, now_ms, expires_ms, None);
         if wake == Wake::Now {
             self.waker.wake();
         }
@@ -131,15 +150,17 @@ impl Mailbox {
     }
 
     /// [`push`](Self::push), but the owner's wake is left to `wakes`, which runs it later (and
-    /// only once however many pushes come before it does).
-    pub(crate) fn push_deferred(
+    /// only once however many pushes come before it does); a connection's mailbox found
+    /// crowded is counted in `watch` until its owner takes it.
+    fn push_deferred(
         self: &Arc<Self>,
         message: Message,
         now_ms: u64,
         expires_ms: u64,
         wakes: &mut DeferredWakes,
+        watch: &Watch,
     ) -> Push {
-        let (outcome, wake, crowded) = self.enqueue(message, now_ms, expires_ms, true);
+        let (outcome, wake, crowded) = self.enqueue(message, now_ms, expires_ms, Some(watch));
         match wake {
             Wake::Now => self.waker.wake(),
             Wake::Listed => wakes.mailboxes.push(self.clone()),
@@ -150,13 +171,14 @@ impl Mailbox {
     }
 
     /// Queues under the lock; also says what wake the owner is owed and whether the queue
-    /// now holds seven eighths of its capacity or more.
+    /// now holds seven eighths of its capacity or more. With `watch` (a deferring push), the
+    /// owner's wake is deferred, and a crowded connection mailbox is counted in `watch`.
     fn enqueue(
         &self,
         message: Message,
         now_ms: u64,
         expires_ms: u64,
-        defer: bool,
+        watch: Option<&Watch>,
     ) -> (Push, Wake, bool) {
         if self.closed.load(Ordering::Acquire) {
             return (Push::Closed, Wake::No, false);
@@ -178,9 +200,17 @@ impl Mailbox {
             expires_ms,
         });
         let crowded = queue.len() * 8 >= self.capacity as usize * 7;
+        if crowded
+            && let Some(watch) = watch
+            && self.owner.load(Ordering::Relaxed) == Owner::Connection as u8
+            && !self.watched.swap(true, Ordering::Relaxed)
+        {
+            // Under the lock, so the owner's take (which releases it) comes after.
+            watch.count.fetch_add(1, Ordering::AcqRel);
+        }
         let wake = if self.owner_polling.load(Ordering::Relaxed) {
             Wake::No
-        } else if !defer {
+        } else if watch.is_none() {
             Wake::Now
         } else if self.wake_deferred.swap(true, Ordering::Relaxed) {
             Wake::No // a list already owes it one
@@ -197,32 +227,34 @@ impl Mailbox {
         }
     }
 
-    /// Takes every queued message (the queue's buffer goes with them, so an idle mailbox holds
-    /// none) and the number of expired ones that were dropped.
-    pub(crate) fn drain(&self, now_ms: u64) -> (VecDeque<Envelope>, u64) {
-        let mut queue = std::mem::take(&mut self.queue.lock().messages);
-        let expired = purge_expired(&mut queue, now_ms);
-        (queue, expired)
+    /// Empties the queue of messages (its buffer goes too); true if a sender was watching it.
+    fn clear(&self) -> bool {
+        let mut queues = self.queue.lock();
+        queues.messages = VecDeque::new();
+        self.watched.swap(false, Ordering::Relaxed)
     }
 
     /// Takes every queued message and command under one lock (their buffers go with them).
-    /// The expired messages are dropped and counted in `Taken::expired`.
-    pub(crate) fn take_all(&self, now_ms: u64) -> Taken {
-        let mut taken = {
+    /// The expired messages are dropped and counted in `Taken::expired`. True too if a sender
+    /// was watching the mailbox (see [`Watch`]).
+    fn take_whole(&self, now_ms: u64) -> (Taken, bool) {
+        let (mut taken, watched) = {
             let mut queues = self.queue.lock();
+            let watched = self.watched.swap(false, Ordering::Relaxed);
             if queues.messages.is_empty() && queues.commands.is_empty() {
-                return Taken::default();
+                return (Taken::default(), watched);
             }
             let batch = u16::try_from(queues.messages.len()).unwrap_or(u16::MAX);
             self.batch.store(batch, Ordering::Relaxed);
-            Taken {
+            let taken = Taken {
                 messages: std::mem::take(&mut queues.messages),
                 commands: std::mem::take(&mut queues.commands),
                 expired: 0,
-            }
+            };
+            (taken, watched)
         };
         taken.expired = purge_expired(&mut taken.messages, now_ms);
-        taken
+        (taken, watched)
     }
 
     /// Queues a socket command for the owner; false once the mailbox is closed.
@@ -300,16 +332,17 @@ impl Mailbox {
         self.signals.swap(0, Ordering::AcqRel)
     }
 
-    /// Marks the channel dead (its socket is gone) before the inbox itself is dropped: pushes
-    /// and commands fail from now on.
-    pub(crate) fn close_early(&self) {
-        self.close();
-    }
-
-    fn close(&self) {
+    /// Marks the channel dead: pushes and commands fail from now on, and what was queued is
+    /// dropped. True if a sender was watching it.
+    fn close(&self) -> bool {
         self.closed.store(true, Ordering::Release);
-        drop(std::mem::take(&mut *self.queue.lock()));
+        let watched = {
+            let mut queues = self.queue.lock();
+            drop(std::mem::take(&mut *queues));
+            self.watched.swap(false, Ordering::Relaxed)
+        };
         self.waker.wake();
+        watched
     }
 
     /// True once the owner is gone.
@@ -362,6 +395,25 @@ pub(crate) const WAKE_CHUNK: usize = 128;
 /// rooms of 180 cost 5 MiB more RSS (docs/BENCHMARKS.md). A smaller room's pass of wakes is
 /// short anyway.
 pub(crate) const DEFER_WAKES_ABOVE: usize = 4 * WAKE_CHUNK;
+
+/// On tokio's multi-thread scheduler, group sends to more members than this defer their wakes
+/// too. A worker keeps the tasks it wakes in a local queue of 256 (and one LIFO slot) and moves
+/// half of it to the global queue when it overflows; a busy worker looks there only every 61
+/// tasks. Woken all at once, the members past 256 could wait while the sender, at the front
+/// of the local queue, kept sending, until their mailboxes overflowed (measured: a room of 500
+/// at 6,400 msg/s on two workers lost 52,335 messages, none on one thread). Deferred, they are
+/// woken a chunk at a time in the wake queue's order, and the sender waits when they fall
+/// behind.
+pub(crate) const MULTI_THREAD_DEFER_WAKES_ABOVE: usize = 2 * WAKE_CHUNK;
+
+/// Whether a group send to `members` local members defers their wakes ([`DeferredWakes`]).
+pub(crate) fn defers_wakes(members: usize) -> bool {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    members > DEFER_WAKES_ABOVE
+        || (members > MULTI_THREAD_DEFER_WAKES_ABOVE
+            && Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread))
+}
 
 impl Drop for DeferredWakes {
     fn drop(&mut self) {
@@ -439,6 +491,34 @@ fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
     n
 }
 
+/// The connection mailboxes that group sends found crowded, until their owners take them.
+///
+/// A large group send that finds a member's mailbox seven eighths full waits for the pass of
+/// wakes under way ([`LocalChannels::run_wakes`]). On the current-thread scheduler that is
+/// enough: the members woken run first in, first out, before the sender. A multi-thread
+/// worker runs the task it woke last first (its LIFO slot) and others steal, so there the
+/// sender, woken when the pass ends, could run again before the members of the last chunk and
+/// overflow them. So the sender also waits until every crowded connection mailbox has been
+/// taken. Only connections are counted: their task takes the whole mailbox each time it runs,
+/// and it is woken for what was pushed, so the wait ends; an [`Inbox`] or a `new_channel()`
+/// may never be read.
+#[derive(Default)]
+struct Watch {
+    /// Mailboxes flagged `watched`.
+    count: AtomicUsize,
+    /// Notified when `count` falls to zero.
+    drained: tokio::sync::Notify,
+}
+
+impl Watch {
+    /// One watched mailbox was taken (or closed, or emptied).
+    fn release(&self, watched: bool) {
+        if watched && self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
 /// One shard of the registry: local id → mailbox.
 type Shard = RwLock<HashMap<u64, Arc<Mailbox>>>;
 
@@ -452,6 +532,7 @@ struct Registry {
     wakes: Mutex<WakeQueue>,
     /// Notified each time the wake queue runs empty.
     wakes_done: tokio::sync::Notify,
+    watch: Watch,
 }
 
 /// The registry of this process's local channels, shared by the layer and the server.
@@ -484,6 +565,7 @@ impl LocalChannels {
                 counters: Counters::default(),
                 wakes: Mutex::new(WakeQueue::default()),
                 wakes_done: tokio::sync::Notify::new(),
+                watch: Watch::default(),
             }),
         }
     }
@@ -504,16 +586,16 @@ impl LocalChannels {
         &self.inner.shards[(id as usize) & (SHARDS - 1)]
     }
 
-    fn register(&self, capacity: usize, detached: bool) -> (u64, Arc<Mailbox>) {
+    fn register(&self, capacity: usize, owner: Owner) -> (u64, Arc<Mailbox>) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mailbox = Arc::new(Mailbox::new(id, capacity, detached));
+        let mailbox = Arc::new(Mailbox::new(id, capacity, owner));
         self.shard(id).write().insert(id, mailbox.clone());
         (id, mailbox)
     }
 
     /// Opens a mailbox owned by the returned [`Inbox`]; dropping the inbox closes it.
     pub fn open(&self, capacity: usize) -> Inbox {
-        let (_, mailbox) = self.register(capacity, false);
+        let (_, mailbox) = self.register(capacity, Owner::Inbox);
         Inbox {
             mailbox,
             owner: self.clone(),
@@ -524,7 +606,7 @@ impl LocalChannels {
     /// Opens a mailbox that lives in the registry until it is flushed or goes unused past
     /// expiry (what `new_channel()` hands out); returns its name.
     pub(crate) fn open_detached(&self, capacity: usize) -> String {
-        let (id, _) = self.register(capacity, true);
+        let (id, _) = self.register(capacity, Owner::Detached);
         self.name_of(id)
     }
 
@@ -562,8 +644,23 @@ impl LocalChannels {
     /// Closes a mailbox taken out of its [`Inbox`] with [`Inbox::into_mailbox`] and removes it
     /// from the registry: what dropping the inbox would have done.
     pub(crate) fn release(&self, mailbox: &Mailbox) {
-        mailbox.close();
+        self.close_early(mailbox);
         self.remove(mailbox.id);
+    }
+
+    /// Marks a connection's channel dead (its socket is gone) before the connection releases
+    /// it: pushes and commands fail from now on.
+    pub(crate) fn close_early(&self, mailbox: &Mailbox) {
+        self.inner.watch.release(mailbox.close());
+    }
+
+    /// What a connection does each time its task runs: takes every queued message and
+    /// command under one lock (their buffers go with them; the expired messages are dropped
+    /// and counted in `Taken::expired`), which ends any sender's wait on this mailbox.
+    pub(crate) fn take_all(&self, mailbox: &Mailbox, now_ms: u64) -> Taken {
+        let (taken, watched) = mailbox.take_whole(now_ms);
+        self.inner.watch.release(watched);
+        taken
     }
 
     /// Number of open local channels.
@@ -626,7 +723,9 @@ impl LocalChannels {
     ) -> Push {
         let id = mailbox.id;
         let outcome = match wakes {
-            Some(wakes) => mailbox.push_deferred(message, now, now + expiry_ms, wakes),
+            Some(wakes) => {
+                mailbox.push_deferred(message, now, now + expiry_ms, wakes, &self.inner.watch)
+            }
             None => mailbox.push(message, now, now + expiry_ms),
         };
         if let Push::Queued { expired } | Push::Full { expired } = outcome
@@ -643,16 +742,32 @@ impl LocalChannels {
     /// scheduler (all at once when there is no Tokio runtime to run that task).
     ///
     /// When a push found its mailbox seven eighths full or more, this also waits until the
-    /// wake queue has run empty. That is the back-pressure of a large room: the passes are
-    /// falling behind the sends, so the sender's handler waits for the one under way, the
-    /// sender's connection stops reading, and its client's socket fills, instead of members'
-    /// mailboxes overflowing. (A sender that ran only after every member, as when all were
-    /// woken at once, got the same back-pressure from the scheduler.)
+    /// wake queue has run empty and every crowded connection mailbox has been taken ([`Watch`]).
+    /// That is the back-pressure of a large room: the passes are falling behind the sends, so
+    /// the sender's handler waits for the one under way, the sender's connection stops
+    /// reading, and its client's socket fills, instead of members' mailboxes overflowing. (A
+    /// sender that ran only after every member, as when all were woken at once, got the same
+    /// back-pressure from the scheduler.)
     pub(crate) async fn run_wakes(&self, wakes: DeferredWakes) {
         let crowded = wakes.crowded;
         self.start_wakes(wakes);
         if crowded {
             self.wait_for_wakes().await;
+            self.wait_for_drains().await;
+        }
+    }
+
+    /// Waits until no crowded connection mailbox is left untaken.
+    async fn wait_for_drains(&self) {
+        let watch = &self.inner.watch;
+        loop {
+            let notified = watch.drained.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if watch.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -707,7 +822,7 @@ impl LocalChannels {
     pub(crate) fn sweep_detached(&self, now_secs: u32, idle_secs: u32) {
         for shard in self.inner.shards.iter() {
             shard.write().retain(|_, mb| {
-                !(mb.detached
+                !(mb.owner.load(Ordering::Relaxed) == Owner::Detached as u8
                     && !mb.has_messages()
                     && now_secs.saturating_sub(mb.activity.load(Ordering::Relaxed)) > idle_secs)
             });
@@ -732,11 +847,11 @@ impl LocalChannels {
     pub(crate) fn clear(&self) {
         for shard in self.inner.shards.iter() {
             shard.write().retain(|_, mb| {
-                if mb.detached {
+                if mb.owner.load(Ordering::Relaxed) == Owner::Detached as u8 {
                     mb.close();
                     false
                 } else {
-                    drop(mb.drain(0));
+                    self.inner.watch.release(mb.clear());
                     true
                 }
             });
@@ -787,11 +902,14 @@ impl Inbox {
         &self.owner
     }
 
-    /// The mailbox alone, for an owner that keeps it in less room than an inbox takes and
-    /// calls [`LocalChannels::release`] itself when done (a connection: see
-    /// `server::ws::conn`).
+    /// The mailbox alone, for a connection (`server::ws::conn`): it keeps the mailbox in less
+    /// room than an inbox takes, takes it whole with [`LocalChannels::take_all`] each time its
+    /// task runs, and calls [`LocalChannels::release`] itself when done.
     pub(crate) fn into_mailbox(mut self) -> Arc<Mailbox> {
         self.handed_off = true;
+        self.mailbox
+            .owner
+            .store(Owner::Connection as u8, Ordering::Relaxed);
         self.mailbox.clone()
     }
 
@@ -853,7 +971,13 @@ mod tests {
 
         let mut wakes = DeferredWakes::default();
         for _ in 0..3 {
-            let pushed = mailbox.push_deferred(msg! { "type": "x" }, 0, u64::MAX, &mut wakes);
+            let pushed = mailbox.push_deferred(
+                msg! { "type": "x" },
+                0,
+                u64::MAX,
+                &mut wakes,
+                &registry.inner.watch,
+            );
             assert_eq!(pushed, Push::Queued { expired: 0 });
         }
         assert_eq!(wakes.mailboxes.len(), 1, "three pushes, one wake owed");
@@ -864,11 +988,17 @@ mod tests {
         // Once run, the next deferring push lists the mailbox again.
         mailbox.register(&mut Context::from_waker(&waker));
         let mut wakes = DeferredWakes::default();
-        mailbox.push_deferred(msg! { "type": "x" }, 0, u64::MAX, &mut wakes);
+        mailbox.push_deferred(
+            msg! { "type": "x" },
+            0,
+            u64::MAX,
+            &mut wakes,
+            &registry.inner.watch,
+        );
         assert_eq!(wakes.mailboxes.len(), 1);
         registry.start_wakes(wakes); // no runtime here: all at once
         assert_eq!(woken(&count), 2);
-        assert_eq!(inbox.mailbox().take_all(0).messages.len(), 4);
+        assert_eq!(registry.take_all(inbox.mailbox(), 0).messages.len(), 4);
     }
 
     #[test]
@@ -878,7 +1008,13 @@ mod tests {
         let mailbox = inbox.mailbox().clone();
         mailbox.begin_poll();
         let mut wakes = DeferredWakes::default();
-        mailbox.push_deferred(msg! { "type": "x" }, 0, u64::MAX, &mut wakes);
+        mailbox.push_deferred(
+            msg! { "type": "x" },
+            0,
+            u64::MAX,
+            &mut wakes,
+            &registry.inner.watch,
+        );
         assert!(wakes.mailboxes.is_empty());
         assert!(mailbox.end_poll(), "the owner sees it before sleeping");
     }

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::local::{DEFER_WAKES_ABOVE, DeferredWakes, Envelope, Mailbox, Push};
+use super::local::{DeferredWakes, Envelope, Mailbox, Push, defers_wakes};
 use super::stats::{Counters, DropReason};
 use super::{
     ChannelLayer, LayerConfig, LayerError, LayerStats, LocalChannels, check_outgoing, normalize,
@@ -473,7 +473,7 @@ impl ChannelLayer for MemoryLayer {
         let mut full = 0u64;
         let mut gone = Vec::new();
         // A large room's wakes go out a chunk at a time (see `DeferredWakes`).
-        let mut wakes = (targets.len() > DEFER_WAKES_ABOVE).then(DeferredWakes::default);
+        let mut wakes = defers_wakes(targets.len()).then(DeferredWakes::default);
         for target in targets.iter() {
             match target {
                 Target::Local(mailbox) => {
@@ -569,6 +569,7 @@ mod tests {
 
     use super::*;
     use crate::layer::CapacityRule;
+    use crate::layer::local::{DEFER_WAKES_ABOVE, MULTI_THREAD_DEFER_WAKES_ABOVE};
     use crate::msg;
 
     fn layer() -> MemoryLayer {
@@ -768,25 +769,67 @@ mod tests {
     /// mailboxes: nothing is dropped and everyone gets everything, in order.
     #[test]
     fn a_large_room_holds_back_a_sender_that_outruns_it() {
-        const N: usize = DEFER_WAKES_ABOVE + 100;
-        const SENDS: usize = 500;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        sender_outruns_a_room(&runtime, DEFER_WAKES_ABOVE + 100);
+    }
+
+    /// The same on the multi-thread scheduler, in a room that fits the current-thread one's
+    /// single pass but not a worker's local run queue: without deferred wakes, members spilled
+    /// to the global queue starve while the sender keeps running (see
+    /// `MULTI_THREAD_DEFER_WAKES_ABOVE`).
+    #[test]
+    fn a_room_past_a_workers_run_queue_holds_back_a_sender_on_the_multi_thread_scheduler() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let n = MULTI_THREAD_DEFER_WAKES_ABOVE + 100;
+        assert!(
+            n <= DEFER_WAKES_ABOVE,
+            "a room only the multi-thread scheduler defers"
+        );
+        sender_outruns_a_room(&runtime, n);
+    }
+
+    /// `n` members with mailboxes of 8, each read as a connection reads its own (the whole
+    /// mailbox each time its task runs), and a sender that never yields of its own accord
+    /// sending 500 messages: every member gets all of them, in order, and nothing is dropped.
+    fn sender_outruns_a_room(runtime: &tokio::runtime::Runtime, n: usize) {
+        const SENDS: usize = 500;
         runtime.block_on(async {
             let l = MemoryLayer::new(LayerConfig::default().with_capacity(8));
             let mut members = Vec::new();
-            for _ in 0..N {
+            for _ in 0..n {
                 let inbox = l.new_inbox();
                 l.group_add("big", &inbox.name()).await.unwrap();
+                let registry = inbox.registry().clone();
+                let mailbox = inbox.into_mailbox();
                 members.push(tokio::spawn(async move {
-                    for i in 0..SENDS {
-                        let m = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+                    let mut next = 0;
+                    while next < SENDS {
+                        let taken = std::future::poll_fn(|cx| {
+                            mailbox.register(cx);
+                            let taken = registry.take_all(&mailbox, registry.now_ms());
+                            if taken.messages.is_empty() {
+                                std::task::Poll::Pending
+                            } else {
+                                std::task::Poll::Ready(taken)
+                            }
+                        });
+                        let taken = tokio::time::timeout(Duration::from_secs(10), taken)
                             .await
                             .expect("a message was lost");
-                        assert_eq!(m.get("n").and_then(|v| v.as_i64()), Some(i as i64));
+                        for env in taken.messages {
+                            let m = env.message;
+                            assert_eq!(m.get("n").and_then(|v| v.as_i64()), Some(next as i64));
+                            next += 1;
+                        }
                     }
+                    registry.release(&mailbox);
                 }));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -806,7 +849,7 @@ mod tests {
                 member.await.unwrap();
             }
             assert_eq!(l.stats().dropped_full, 0);
-            assert_eq!(l.stats().group_deliveries, (N * SENDS) as u64);
+            assert_eq!(l.stats().group_deliveries, (n * SENDS) as u64);
         });
     }
 

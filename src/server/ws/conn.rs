@@ -335,10 +335,6 @@ impl Conn {
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.shared.layer.local().now_ms()
-    }
-
     /// The rarely used state, allocated now if it was not.
     fn rare(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Box::default)
@@ -555,7 +551,8 @@ impl Conn {
     /// Takes layer messages and socket commands under one lock and applies them (socket
     /// commands act on the socket, the rest queue up as events for the consumer).
     fn absorb_all(&mut self) {
-        let taken = self.mailbox.take_all(self.now_ms());
+        let local = self.shared.layer.local();
+        let taken = local.take_all(&self.mailbox, local.now_ms());
         self.count_expired(taken.expired);
         if taken.messages.len() > 1 && self.accepted && self.phase == Phase::Open {
             // Most become frames (a busy room's fastlane): room for them at once rather than
@@ -1295,7 +1292,7 @@ impl Conn {
     /// closed at the next send to the group; Redis lets them expire after `group_expiry`, as
     /// channels_redis does for a consumer that died).
     pub(crate) async fn finish(mut self) {
-        self.mailbox.close_early();
+        self.shared.layer.local().close_early(&self.mailbox);
         if matches!(self.slot, Slot::Busy(_)) && !self.await_handler().await {
             tracing::warn!(
                 path = self.scope.path(),
