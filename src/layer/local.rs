@@ -142,16 +142,17 @@ impl Mailbox {
     /// Queues a message unless full or closed, purging expired messages at the head first,
     /// and wakes the owner.
     pub(crate) fn push(&self, message: Message, now_ms: u64, expires_ms: u64) -> Push {
-        let (outcome, wake, _) = self.enqueue(message, now_ms, expires_ms, None);
+        let (outcome, wake, _) = self.enqueue(message, now_ms, expires_ms, None, false);
         if wake == Wake::Now {
             self.waker.wake();
         }
         outcome
     }
 
-    /// [`push`](Self::push), but the owner's wake is left to `wakes`, which runs it later (and
-    /// only once however many pushes come before it does); a connection's mailbox found
-    /// crowded is counted in `watch` until its owner takes it.
+    /// [`push`](Self::push) as part of a group send: in a large room the owner's wake is left
+    /// to `wakes`, which runs it later (and only once however many pushes come before it
+    /// does); a connection's mailbox found crowded is counted in `watch` until its owner
+    /// takes it.
     fn push_deferred(
         self: &Arc<Self>,
         message: Message,
@@ -160,7 +161,8 @@ impl Mailbox {
         wakes: &mut DeferredWakes,
         watch: &Watch,
     ) -> Push {
-        let (outcome, wake, crowded) = self.enqueue(message, now_ms, expires_ms, Some(watch));
+        let (outcome, wake, crowded) =
+            self.enqueue(message, now_ms, expires_ms, Some(watch), wakes.defer);
         match wake {
             Wake::Now => self.waker.wake(),
             Wake::Listed => wakes.mailboxes.push(self.clone()),
@@ -171,14 +173,16 @@ impl Mailbox {
     }
 
     /// Queues under the lock; also says what wake the owner is owed and whether the queue
-    /// now holds seven eighths of its capacity or more. With `watch` (a deferring push), the
-    /// owner's wake is deferred, and a crowded connection mailbox is counted in `watch`.
+    /// now holds seven eighths of its capacity or more. With `watch` (a group send's push), a
+    /// crowded connection mailbox is counted in it; with `defer`, the owner's wake is listed
+    /// rather than run.
     fn enqueue(
         &self,
         message: Message,
         now_ms: u64,
         expires_ms: u64,
         watch: Option<&Watch>,
+        defer: bool,
     ) -> (Push, Wake, bool) {
         if self.closed.load(Ordering::Acquire) {
             return (Push::Closed, Wake::No, false);
@@ -210,7 +214,7 @@ impl Mailbox {
         }
         let wake = if self.owner_polling.load(Ordering::Relaxed) {
             Wake::No
-        } else if watch.is_none() {
+        } else if !defer {
             Wake::Now
         } else if self.wake_deferred.swap(true, Ordering::Relaxed) {
             Wake::No // a list already owes it one
@@ -377,13 +381,32 @@ enum Wake {
 /// once per pass and take everything queued for them with one write, so the CPU per delivery
 /// is the same; the wait for a whole earlier pass is gone.
 ///
+/// Every group send carries one, to note whether a member was crowded ([`Watch`]); only a
+/// large room's ([`DeferredWakes::for_room`]) defers wakes.
+///
 /// Dropping a list that was not handed over wakes whoever it owes, so no wake is lost.
-#[derive(Default)]
 pub(crate) struct DeferredWakes {
+    /// Wakes are listed here rather than run at once.
+    defer: bool,
     mailboxes: Vec<Arc<Mailbox>>,
     /// A push found its mailbox seven eighths full or more: the passes are falling behind
     /// the sends, and the sender should wait for the one under way ([`LocalChannels::run_wakes`]).
     crowded: bool,
+}
+
+impl DeferredWakes {
+    /// For a group send to `members` local members: deferring when [`defers_wakes`] says so.
+    pub(crate) fn for_room(members: usize) -> Self {
+        Self::new(defers_wakes(members))
+    }
+
+    fn new(defer: bool) -> Self {
+        DeferredWakes {
+            defer,
+            mailboxes: Vec::new(),
+            crowded: false,
+        }
+    }
 }
 
 /// Members woken per chunk: about the most a socket-woken task waits behind a large group send.
@@ -749,10 +772,12 @@ impl LocalChannels {
     /// sender that ran only after every member, as when all were woken at once, got the same
     /// back-pressure from the scheduler.)
     pub(crate) async fn run_wakes(&self, wakes: DeferredWakes) {
-        let crowded = wakes.crowded;
+        let (crowded, deferred) = (wakes.crowded, wakes.defer);
         self.start_wakes(wakes);
         if crowded {
-            self.wait_for_wakes().await;
+            if deferred {
+                self.wait_for_wakes().await;
+            }
             self.wait_for_drains().await;
         }
     }
@@ -969,7 +994,7 @@ mod tests {
         let waker = Waker::from(count.clone());
         mailbox.register(&mut Context::from_waker(&waker));
 
-        let mut wakes = DeferredWakes::default();
+        let mut wakes = DeferredWakes::new(true);
         for _ in 0..3 {
             let pushed = mailbox.push_deferred(
                 msg! { "type": "x" },
@@ -987,7 +1012,7 @@ mod tests {
 
         // Once run, the next deferring push lists the mailbox again.
         mailbox.register(&mut Context::from_waker(&waker));
-        let mut wakes = DeferredWakes::default();
+        let mut wakes = DeferredWakes::new(true);
         mailbox.push_deferred(
             msg! { "type": "x" },
             0,
@@ -1007,7 +1032,7 @@ mod tests {
         let inbox = registry.open(10);
         let mailbox = inbox.mailbox().clone();
         mailbox.begin_poll();
-        let mut wakes = DeferredWakes::default();
+        let mut wakes = DeferredWakes::new(true);
         mailbox.push_deferred(
             msg! { "type": "x" },
             0,

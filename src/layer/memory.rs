@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::local::{DeferredWakes, Envelope, Mailbox, Push, defers_wakes};
+use super::local::{DeferredWakes, Envelope, Mailbox, Push};
 use super::stats::{Counters, DropReason};
 use super::{
     ChannelLayer, LayerConfig, LayerError, LayerStats, LocalChannels, check_outgoing, normalize,
@@ -472,12 +472,13 @@ impl ChannelLayer for MemoryLayer {
         let mut delivered = 0u64;
         let mut full = 0u64;
         let mut gone = Vec::new();
-        // A large room's wakes go out a chunk at a time (see `DeferredWakes`).
-        let mut wakes = defers_wakes(targets.len()).then(DeferredWakes::default);
+        // A large room's wakes go out a chunk at a time, and a member found crowded holds the
+        // sender back (see `DeferredWakes`).
+        let mut wakes = DeferredWakes::for_room(targets.len());
         for target in targets.iter() {
             match target {
                 Target::Local(mailbox) => {
-                    match inner.push_local(mailbox, message.clone(), now, wakes.as_mut()) {
+                    match inner.push_local(mailbox, message.clone(), now, Some(&mut wakes)) {
                         Push::Queued { .. } => delivered += 1,
                         Push::Full { .. } => full += 1,
                         Push::Closed => gone.push(Member::Local(mailbox.id())),
@@ -514,9 +515,7 @@ impl ChannelLayer for MemoryLayer {
                 inner.remove_from_groups(&member);
             }
         }
-        if let Some(wakes) = wakes {
-            inner.local.run_wakes(wakes).await;
-        }
+        inner.local.run_wakes(wakes).await;
         Ok(())
     }
 
@@ -765,34 +764,37 @@ mod tests {
         });
     }
 
-    /// A sender that outruns a large room waits for the members instead of overflowing their
-    /// mailboxes: nothing is dropped and everyone gets everything, in order.
+    /// A sender that outruns a room waits for the members instead of overflowing their
+    /// mailboxes: nothing is dropped and everyone gets everything, in order. In a small room
+    /// (wakes at once) and a large one (wakes in chunks).
     #[test]
-    fn a_large_room_holds_back_a_sender_that_outruns_it() {
+    fn a_room_holds_back_a_sender_that_outruns_it() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        sender_outruns_a_room(&runtime, DEFER_WAKES_ABOVE + 100);
+        for n in [100, DEFER_WAKES_ABOVE + 100] {
+            sender_outruns_a_room(&runtime, n);
+        }
     }
 
-    /// The same on the multi-thread scheduler, in a room that fits the current-thread one's
-    /// single pass but not a worker's local run queue: without deferred wakes, members spilled
-    /// to the global queue starve while the sender keeps running (see
-    /// `MULTI_THREAD_DEFER_WAKES_ABOVE`).
+    /// The same on the multi-thread scheduler, where a worker runs the task it woke last first
+    /// and the others steal: the sender could run again before the members it woke. Also in a
+    /// room that fits the current-thread scheduler's single pass but not a worker's local run
+    /// queue, whose members spilled to the global queue would starve while the sender kept
+    /// running (see `MULTI_THREAD_DEFER_WAKES_ABOVE`).
     #[test]
-    fn a_room_past_a_workers_run_queue_holds_back_a_sender_on_the_multi_thread_scheduler() {
+    fn a_room_holds_back_a_sender_that_outruns_it_on_the_multi_thread_scheduler() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let n = MULTI_THREAD_DEFER_WAKES_ABOVE + 100;
-        assert!(
-            n <= DEFER_WAKES_ABOVE,
-            "a room only the multi-thread scheduler defers"
-        );
-        sender_outruns_a_room(&runtime, n);
+        let between = MULTI_THREAD_DEFER_WAKES_ABOVE + 100;
+        assert!(between <= DEFER_WAKES_ABOVE, "a room only the multi-thread scheduler defers");
+        for n in [100, between, DEFER_WAKES_ABOVE + 100] {
+            sender_outruns_a_room(&runtime, n);
+        }
     }
 
     /// `n` members with mailboxes of 8, each read as a connection reads its own (the whole
