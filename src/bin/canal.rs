@@ -517,11 +517,13 @@ fn main() -> ExitCode {
 /// The async runtime: single-threaded (tokio's current-thread scheduler) for one thread,
 /// multi-threaded otherwise.
 ///
-/// Measured on a 1,000-member room (docs/BENCHMARKS.md): with one CPU, the multi-thread
-/// scheduler puts a group send's 1,000 wake-ups partly in a 256-slot local queue and a LIFO
-/// slot, and the rest in a global queue it visits rarely, so some members starve until their
-/// mailboxes overflow (`channel_full` drops at 1,600 msg/s); the current-thread scheduler runs
-/// them in wake order and stays clean at the same rate for the same CPU per delivery.
+/// The current-thread scheduler runs woken tasks in wake order, so in a large room every member
+/// gets its turn before any gets a second one. The multi-thread scheduler keeps 256 wake-ups in
+/// a worker's local queue and a LIFO slot and moves the rest to a global queue it visits
+/// rarely; before group sends woke large rooms in chunks and held back a sender that outruns a
+/// room, that starved members until their mailboxes overflowed (`channel_full` drops at 1,600
+/// msg/s into a 1,000-member room on one CPU, docs/BENCHMARKS.md). With both, the rooms
+/// measured lose nothing on either scheduler.
 fn build_runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let threads = threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)

@@ -4,8 +4,9 @@
 //! mailboxes of [`LocalChannels`]; groups map to their members with the time each joined. A
 //! group send takes a cached snapshot of its members' mailboxes under the lock, then pushes one
 //! shared [`Message`] to each with no lock held, so sending to N members costs N reference counts
-//! and N wakes, not N copies. Above 512 members the wakes go out 128 at a time, and a sender
-//! that outruns the room waits for it (`local::DeferredWakes`).
+//! and N wakes, not N copies. Above 512 members (256 on the multi-thread scheduler) the wakes
+//! go out 128 at a time (`local::DeferredWakes`), and in a room of any size a sender that finds
+//! a member's mailbox seven eighths full waits until that member has taken it.
 //!
 //! Expiry is enforced on every push and pop, and a janitor task (started when the layer is built
 //! inside a Tokio runtime) sweeps every two seconds: expired messages are dropped and counted,
