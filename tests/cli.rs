@@ -18,6 +18,53 @@ fn canal() -> Command {
     cmd
 }
 
+/// A `canal serve` child. [`Running::stop`] ends it with SIGTERM; a test that panics first
+/// kills it instead, so a failed run leaves no server behind. Its stderr (warnings and errors)
+/// goes to a file that [`Running::log`] reads back for assertion messages.
+struct Running {
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Running {
+    fn spawn(cmd: &mut Command) -> Running {
+        let log = std::env::temp_dir().join(format!(
+            "canal-cli-{}-{}.log",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd.stderr(Stdio::from(file)).spawn().unwrap();
+        Running {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the child is running")
+    }
+
+    /// What the child wrote to stderr so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        stop(self.child.take().expect("the child is running"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
 /// Ends the child with SIGTERM (a graceful stop) and returns its exit status.
 fn stop(mut child: Child) -> std::process::ExitStatus {
     let pid = rustix::process::Pid::from_child(&child);
@@ -67,18 +114,23 @@ async fn serves_on_an_inherited_tcp_socket() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // The supervisor's socket arrives as the child's stdin: `--fd 0`.
-    let child = canal()
-        .args(["serve", "--fd", "0", "--publish-token", "t0k"])
-        .stdin(Stdio::from(OwnedFd::from(listener)))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        canal()
+            .args(["serve", "--fd", "0", "--publish-token", "t0k"])
+            .stdin(Stdio::from(OwnedFd::from(listener)))
+            .stdout(Stdio::null()),
+    );
     let resp = until_up(|| async move {
         tokio::net::TcpStream::connect(addr).await.ok()?;
         Some(get(addr, "/health").await)
     })
     .await;
-    assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+    assert_eq!(
+        (resp.status, resp.body.as_str()),
+        (200, "ok"),
+        "{resp:?}; canal's stderr: {}",
+        child.log()
+    );
     assert_eq!(get(addr, "/ready").await.status, 200);
     let mut a = connect(&format!("ws://{addr}/ws/chat/fd/")).await;
     let resp = http_req(
@@ -92,19 +144,19 @@ async fn serves_on_an_inherited_tcp_socket() {
     assert_eq!(resp.status, 202, "{resp:?}");
     assert_eq!(next_text(&mut a).await, "pushed");
     futures_util::SinkExt::close(&mut a).await.unwrap();
-    assert!(stop(child).success());
+    assert!(child.stop().success());
 }
 
 #[tokio::test]
 async fn serves_on_an_inherited_unix_socket_and_refuses_what_is_not_one() {
     let path = socket_path("fd");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let child = canal()
-        .args(["serve", "--fd", "0"])
-        .stdin(Stdio::from(OwnedFd::from(listener)))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        canal()
+            .args(["serve", "--fd", "0"])
+            .stdin(Stdio::from(OwnedFd::from(listener)))
+            .stdout(Stdio::null()),
+    );
     let p = path.clone();
     let resp = until_up(|| {
         let p = p.clone();
@@ -114,8 +166,13 @@ async fn serves_on_an_inherited_unix_socket_and_refuses_what_is_not_one() {
         }
     })
     .await;
-    assert_eq!(resp.status, 200);
-    assert!(stop(child).success());
+    assert_eq!(
+        resp.status,
+        200,
+        "{resp:?}; canal's stderr: {}",
+        child.log()
+    );
+    assert!(child.stop().success());
     let _ = std::fs::remove_file(&path);
 
     // Not a socket at all.
@@ -145,13 +202,13 @@ async fn serves_on_a_unix_socket_path_with_a_root_path() {
     // A stale socket file from a previous run is replaced.
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
-    let child = canal()
-        .args(["serve", "--root-path", "/rt", "--unix-socket"])
-        .arg(&path)
-        .env("CANAL_PUBLISH_TOKEN", "from-env")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        canal()
+            .args(["serve", "--root-path", "/rt", "--unix-socket"])
+            .arg(&path)
+            .env("CANAL_PUBLISH_TOKEN", "from-env")
+            .stdout(Stdio::null()),
+    );
     let p = path.clone();
     let resp = until_up(|| {
         let p = p.clone();
@@ -161,7 +218,12 @@ async fn serves_on_a_unix_socket_path_with_a_root_path() {
         }
     })
     .await;
-    assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+    assert_eq!(
+        (resp.status, resp.body.as_str()),
+        (200, "ok"),
+        "{resp:?}; canal's stderr: {}",
+        child.log()
+    );
     let s = tokio::net::UnixStream::connect(&path).await.unwrap();
     let resp = http_on(
         s,
@@ -171,8 +233,13 @@ async fn serves_on_a_unix_socket_path_with_a_root_path() {
         br#"{"group":"x","message":{"type":"chat.message","text":"hi"}}"#,
     )
     .await;
-    assert_eq!(resp.status, 202, "{resp:?}");
-    assert!(stop(child).success());
+    assert_eq!(
+        resp.status,
+        202,
+        "{resp:?}; canal's stderr: {}",
+        child.log()
+    );
+    assert!(child.stop().success());
     assert!(!path.exists(), "the socket file is removed on exit");
 }
 
@@ -195,25 +262,25 @@ async fn a_builtin_moved_onto_an_app_route_is_an_error_at_startup() {
         "{err}"
     );
     // Switched off, the clash is gone.
-    let mut child = canal()
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--metrics-path",
-            "/health",
-            "--no-metrics",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running::spawn(
+        canal()
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--metrics-path",
+                "/health",
+                "--no-metrics",
+            ])
+            .stdout(Stdio::piped()),
+    );
     let mut line = String::new();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stdout = std::io::BufReader::new(child.child().stdout.take().unwrap());
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert!(
         line.starts_with("canal serving on http://127.0.0.1:"),
         "{line}"
     );
-    assert!(stop(child).success());
+    assert!(child.stop().success());
     drop(stdout);
 }

@@ -792,7 +792,10 @@ mod tests {
             .build()
             .unwrap();
         let between = MULTI_THREAD_DEFER_WAKES_ABOVE + 100;
-        assert!(between <= DEFER_WAKES_ABOVE, "a room only the multi-thread scheduler defers");
+        assert!(
+            between <= DEFER_WAKES_ABOVE,
+            "a room only the multi-thread scheduler defers"
+        );
         for n in [100, between, DEFER_WAKES_ABOVE + 100] {
             sender_outruns_a_room(&runtime, n);
         }
