@@ -101,6 +101,30 @@ where
     }
 }
 
+/// Waits until nothing listens on the socket at `path` any more.
+///
+/// The tests of this file run in parallel threads, and each spawns processes: a child forked
+/// while a test holds a listener has a copy of it until the child's `exec` closes it. So a
+/// listener dropped here can live on for a moment in another test's child, and a connection
+/// made meanwhile is accepted into its backlog and reset at the `exec`: the request gets an
+/// empty answer. (This made the unix-socket test fail about once in forty runs.) Once a
+/// connection is refused, no copy is left, and none can appear.
+fn wait_until_refused(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            _ => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a dropped listener still answers"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
 fn socket_path(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!(
         "canal-cli-{tag}-{}-{}.sock",
@@ -202,6 +226,7 @@ async fn serves_on_a_unix_socket_path_with_a_root_path() {
     // A stale socket file from a previous run is replaced.
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
+    wait_until_refused(&path);
     let child = Running::spawn(
         canal()
             .args(["serve", "--root-path", "/rt", "--unix-socket"])
