@@ -524,7 +524,9 @@ fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
 /// overflow them. So the sender also waits until every crowded connection mailbox has been
 /// taken. Only connections are counted: their task takes the whole mailbox each time it runs,
 /// and it is woken for what was pushed, so the wait ends; an [`Inbox`] or a `new_channel()`
-/// may never be read.
+/// may never be read. The count is per process, not per room: a sender held back waits for
+/// every crowded member, its room's and others'. That is simpler, and every sender that flags
+/// a member waits too, so under overload the senders stop and the count runs down to zero.
 #[derive(Default)]
 struct Watch {
     /// Mailboxes flagged `watched`.
