@@ -238,26 +238,21 @@ impl Mailbox {
         self.watched.swap(false, Ordering::Relaxed)
     }
 
-    /// Takes every queued message and command under one lock (their buffers go with them).
-    /// The expired messages are dropped and counted in `Taken::expired`. True too if a sender
-    /// was watching the mailbox (see [`Watch`]).
-    fn take_whole(&self, now_ms: u64) -> (Taken, bool) {
-        let (mut taken, watched) = {
-            let mut queues = self.queue.lock();
-            let watched = self.watched.swap(false, Ordering::Relaxed);
-            if queues.messages.is_empty() && queues.commands.is_empty() {
-                return (Taken::default(), watched);
-            }
-            let batch = u16::try_from(queues.messages.len()).unwrap_or(u16::MAX);
-            self.batch.store(batch, Ordering::Relaxed);
-            let taken = Taken {
-                messages: std::mem::take(&mut queues.messages),
-                commands: std::mem::take(&mut queues.commands),
-                expired: 0,
-            };
-            (taken, watched)
+    /// Takes every queued message and command under one lock (their buffers go with them),
+    /// expired ones too. True too if a sender was watching the mailbox (see [`Watch`]).
+    fn take_whole(&self) -> (Taken, bool) {
+        let mut queues = self.queue.lock();
+        let watched = self.watched.swap(false, Ordering::Relaxed);
+        if queues.messages.is_empty() && queues.commands.is_empty() {
+            return (Taken::default(), watched);
+        }
+        let batch = u16::try_from(queues.messages.len()).unwrap_or(u16::MAX);
+        self.batch.store(batch, Ordering::Relaxed);
+        let taken = Taken {
+            messages: std::mem::take(&mut queues.messages),
+            commands: std::mem::take(&mut queues.commands),
+            expired: 0,
         };
-        taken.expired = purge_expired(&mut taken.messages, now_ms);
         (taken, watched)
     }
 
@@ -681,10 +676,14 @@ impl LocalChannels {
 
     /// What a connection does each time its task runs: takes every queued message and
     /// command under one lock (their buffers go with them; the expired messages are dropped
-    /// and counted in `Taken::expired`), which ends any sender's wait on this mailbox.
-    pub(crate) fn take_all(&self, mailbox: &Mailbox, now_ms: u64) -> Taken {
-        let (taken, watched) = mailbox.take_whole(now_ms);
+    /// and counted in `Taken::expired`), which ends any sender's wait on this mailbox. The
+    /// clock is read only when there are messages.
+    pub(crate) fn take_all(&self, mailbox: &Mailbox) -> Taken {
+        let (mut taken, watched) = mailbox.take_whole();
         self.inner.watch.release(watched);
+        if !taken.messages.is_empty() {
+            taken.expired = purge_expired(&mut taken.messages, self.now_ms());
+        }
         taken
     }
 
@@ -1025,7 +1024,7 @@ mod tests {
         assert_eq!(wakes.mailboxes.len(), 1);
         registry.start_wakes(wakes); // no runtime here: all at once
         assert_eq!(woken(&count), 2);
-        assert_eq!(registry.take_all(inbox.mailbox(), 0).messages.len(), 4);
+        assert_eq!(registry.take_all(inbox.mailbox()).messages.len(), 4);
     }
 
     #[test]

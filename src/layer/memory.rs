@@ -819,7 +819,7 @@ mod tests {
                     while next < SENDS {
                         let taken = std::future::poll_fn(|cx| {
                             mailbox.register(cx);
-                            let taken = registry.take_all(&mailbox, registry.now_ms());
+                            let taken = registry.take_all(&mailbox);
                             if taken.messages.is_empty() {
                                 std::task::Poll::Pending
                             } else {

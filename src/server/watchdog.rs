@@ -8,9 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
-use super::Shared;
+use super::{Shared, coarse_now};
 
 tokio::task_local! {
     /// The server whose consumer handler is running on this task.
@@ -55,12 +54,12 @@ impl<F: Future> Future for Watched<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        let started = this.shared.as_ref().map(|_| Instant::now());
+        let started = this.shared.as_ref().map(|_| coarse_now());
         let result = this.inner.as_mut().poll(cx);
         if let (Some(started), Some(shared)) = (started, this.shared.as_ref())
             && let Some(threshold) = shared.config.blocking_threshold
         {
-            let held = started.elapsed();
+            let held = coarse_now().saturating_sub(started);
             if held > threshold {
                 shared.stats.blocking_polls.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(

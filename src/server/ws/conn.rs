@@ -411,10 +411,10 @@ impl Conn {
             .shared
             .config
             .blocking_threshold
-            .map(|_| std::time::Instant::now());
+            .map(|_| crate::server::coarse_now());
         let result = AssertUnwindSafe(fut.as_mut()).catch_unwind().poll_unpin(cx);
         if let (Some(started), Some(threshold)) = (started, self.shared.config.blocking_threshold) {
-            let held = started.elapsed();
+            let held = crate::server::coarse_now().saturating_sub(started);
             if held > threshold {
                 self.shared
                     .stats
@@ -551,8 +551,7 @@ impl Conn {
     /// Takes layer messages and socket commands under one lock and applies them (socket
     /// commands act on the socket, the rest queue up as events for the consumer).
     fn absorb_all(&mut self) {
-        let local = self.shared.layer.local();
-        let taken = local.take_all(&self.mailbox, local.now_ms());
+        let taken = self.shared.layer.local().take_all(&self.mailbox);
         self.count_expired(taken.expired);
         if taken.messages.len() > 1 && self.accepted && self.phase == Phase::Open {
             // Most become frames (a busy room's fastlane): room for them at once rather than
