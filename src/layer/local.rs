@@ -511,13 +511,14 @@ fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
 
 /// The connection mailboxes that group sends found crowded, until their owners take them.
 ///
-/// A large group send that finds a member's mailbox seven eighths full waits for the pass of
-/// wakes under way ([`LocalChannels::run_wakes`]). On the current-thread scheduler that is
-/// enough: the members woken run first in, first out, before the sender. A multi-thread
-/// worker runs the task it woke last first (its LIFO slot) and others steal, so there the
-/// sender, woken when the pass ends, could run again before the members of the last chunk and
-/// overflow them. So the sender also waits until every crowded connection mailbox has been
-/// taken. Only connections are counted: their task takes the whole mailbox each time it runs,
+/// A group send that finds a member's mailbox seven eighths full waits
+/// ([`LocalChannels::run_wakes`]). In a large room it waits for the pass of wakes under way,
+/// which on the current-thread scheduler is enough: the members woken run first in, first
+/// out, before the sender. But a multi-thread worker runs the task it woke last first (its
+/// LIFO slot) and others steal, so there the sender, woken when the pass ends, could run again
+/// before the members of the last chunk and overflow them; and a small room's members are
+/// woken at once, with no pass to wait for. So the sender waits until every crowded
+/// connection mailbox has been taken. Only connections are counted: their task takes the whole mailbox each time it runs,
 /// and it is woken for what was pushed, so the wait ends; an [`Inbox`] or a `new_channel()`
 /// may never be read. The count is per process, not per room: a sender held back waits for
 /// every crowded member, its room's and others'. That is simpler, and every sender that flags
@@ -767,11 +768,12 @@ impl LocalChannels {
     ///
     /// When a push found its mailbox seven eighths full or more, this also waits until the
     /// wake queue has run empty and every crowded connection mailbox has been taken ([`Watch`]).
-    /// That is the back-pressure of a large room: the passes are falling behind the sends, so
-    /// the sender's handler waits for the one under way, the sender's connection stops
-    /// reading, and its client's socket fills, instead of members' mailboxes overflowing. (A
-    /// sender that ran only after every member, as when all were woken at once, got the same
-    /// back-pressure from the scheduler.)
+    /// (Only the latter when the wakes were not deferred.) That is the back-pressure of a room
+    /// that is outrun: the members are falling behind the sends, so the sender's handler
+    /// waits, the sender's connection stops reading, and its client's socket fills, instead of
+    /// members' mailboxes overflowing. (On the current-thread scheduler, a sender that ran
+    /// only after every member, as when all were woken at once, got the same back-pressure
+    /// from the scheduler.)
     pub(crate) async fn run_wakes(&self, wakes: DeferredWakes) {
         let (crowded, deferred) = (wakes.crowded, wakes.defer);
         self.start_wakes(wakes);
