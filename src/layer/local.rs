@@ -988,6 +988,17 @@ mod tests {
         count.0.load(Ordering::Relaxed)
     }
 
+    /// A deferring push of a message that never expires.
+    fn push_x(registry: &LocalChannels, mailbox: &Arc<Mailbox>, wakes: &mut DeferredWakes) -> Push {
+        mailbox.push_deferred(
+            msg! { "type": "x" },
+            0,
+            u64::MAX,
+            wakes,
+            &registry.inner.watch,
+        )
+    }
+
     #[test]
     fn a_deferred_wake_is_listed_once_and_never_lost() {
         let registry = LocalChannels::new("test");
@@ -999,13 +1010,7 @@ mod tests {
 
         let mut wakes = DeferredWakes::new(true);
         for _ in 0..3 {
-            let pushed = mailbox.push_deferred(
-                msg! { "type": "x" },
-                0,
-                u64::MAX,
-                &mut wakes,
-                &registry.inner.watch,
-            );
+            let pushed = push_x(&registry, &mailbox, &mut wakes);
             assert_eq!(pushed, Push::Queued { expired: 0 });
         }
         assert_eq!(wakes.mailboxes.len(), 1, "three pushes, one wake owed");
@@ -1016,13 +1021,7 @@ mod tests {
         // Once run, the next deferring push lists the mailbox again.
         mailbox.register(&mut Context::from_waker(&waker));
         let mut wakes = DeferredWakes::new(true);
-        mailbox.push_deferred(
-            msg! { "type": "x" },
-            0,
-            u64::MAX,
-            &mut wakes,
-            &registry.inner.watch,
-        );
+        push_x(&registry, &mailbox, &mut wakes);
         assert_eq!(wakes.mailboxes.len(), 1);
         registry.start_wakes(wakes); // no runtime here: all at once
         assert_eq!(woken(&count), 2);
@@ -1036,13 +1035,7 @@ mod tests {
         let mailbox = inbox.mailbox().clone();
         mailbox.begin_poll();
         let mut wakes = DeferredWakes::new(true);
-        mailbox.push_deferred(
-            msg! { "type": "x" },
-            0,
-            u64::MAX,
-            &mut wakes,
-            &registry.inner.watch,
-        );
+        push_x(&registry, &mailbox, &mut wakes);
         assert!(wakes.mailboxes.is_empty());
         assert!(mailbox.end_poll(), "the owner sees it before sleeping");
     }
