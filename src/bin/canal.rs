@@ -208,7 +208,8 @@ struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     memory_budget: Option<usize>,
     /// Watchdog: milliseconds a consumer handler may hold a worker thread in one poll before
-    /// it is logged as blocking (0 turns the watchdog off)
+    /// it is logged as blocking, timed to the kernel's tick of a few ms (0 turns the watchdog
+    /// off)
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     blocking_threshold_ms: u64,
     /// Bytes queued towards one client before the overflow policy applies.

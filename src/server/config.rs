@@ -119,7 +119,9 @@ pub struct ServerConfig {
     pub memory_budget: Option<usize>,
     /// Watchdog: log (and count) a consumer handler that holds its worker thread longer than
     /// this in one poll, without yielding (blocking I/O, a long computation). Default 1 s;
-    /// `None` turns the two clock reads per handler poll off.
+    /// `None` turns the two clock reads per handler poll off. Polls are timed on the kernel's
+    /// coarse monotonic clock, whose tick is a few milliseconds (4 ms on a 250 Hz kernel), so
+    /// a threshold of a few ticks is approximate.
     pub blocking_threshold: Option<Duration>,
 }
 

@@ -263,7 +263,7 @@ pub(crate) fn coarse_secs() -> u32 {
 /// The monotonic clock at the kernel's tick (a few milliseconds): `CLOCK_MONOTONIC_COARSE`,
 /// which the vDSO answers by reading a variable, where `Instant::now` reads the CPU's counter.
 /// For what runs on every message and needs no finer time: the keep-alive stamps and the
-/// watchdog's one-second threshold. (Precise clock reads were 2.4 % of the server's profile
+/// watchdog's one-second threshold. (Precise clock reads were 2.7 % of the server's profile
 /// under echo load, docs/BENCHMARKS.md.)
 pub(crate) fn coarse_now() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
