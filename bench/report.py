@@ -16,6 +16,9 @@ import statistics
 import sys
 
 GEN_LIMIT_PCT = 90.0
+# A server this busy at a fan-out step is saturated there: its CPU per delivery is about its busy
+# share divided by the rate, whatever its efficiency.
+SATURATED_PCT = 90.0
 ORDER = ["canal", "uws", "ws", "django"]
 NAMES = {"canal": "canal", "uws": "uWebSockets.js", "ws": "node ws", "django": "Django Channels"}
 
@@ -161,16 +164,38 @@ def why(x):
     return "; ".join(r)
 
 
-def same_rate(va, vb, key):
-    """(rate, canal/peer of `key(step)`) at the highest rate both ran clean."""
+def same_rate_steps(va, vb):
+    """(rate, canal's step, peer's step) at the highest rate both ran clean, or None."""
     ca = {x.get("rate"): x for x in va.get("steps") or [] if x.get("clean")}
     cb = {x.get("rate"): x for x in vb.get("steps") or [] if x.get("clean")}
     common = sorted(set(ca) & set(cb))
     if not common:
         return None
     r = common[-1]
-    a, b = key(ca[r]), key(cb[r])
+    return r, ca[r], cb[r]
+
+
+def same_rate(va, vb, key):
+    """(rate, canal/peer of `key(step)`) at the highest rate both ran clean."""
+    steps = same_rate_steps(va, vb)
+    if not steps:
+        return None
+    r, a, b = steps
+    a, b = key(a), key(b)
     return (r, a / b) if a is not None and b else None
+
+
+def both_saturated(ra, rb):
+    """(rounds where both servers were SATURATED_PCT busy or more at the same-rate step, rounds)."""
+    n = total = 0
+    for r in sorted(set(ra) & set(rb)):
+        steps = same_rate_steps(ra[r], rb[r])
+        if not steps:
+            continue
+        total += 1
+        busy = [x.get("server_cpu_pct") for x in steps[1:]]
+        n += all(b is not None and b >= SATURATED_PCT for b in busy)
+    return n, total
 
 
 def step_cpu(x):
@@ -230,13 +255,21 @@ def fanout(d, redis=False):
             f"| {NAMES.get(s, s)} | {ratio_cell(d['canal'], d[s], at_best(lambda b: b.get('deliveries_per_s')))} "
             f"| {ratio_cell(d['canal'], d[s], cpu_key)} "
             f"| {ratio_cell(d['canal'], d[s], at_best(lambda b: (b.get('latency') or {}).get('p99_us')))} "
-            f"| {same_rate_cell(d['canal'], d[s], step_cpu) if not redis else '-'} "
+            f"| {same_rate_cell(d['canal'], d[s], step_cpu) if not redis else '-'}{saturated_note(d['canal'], d[s]) if not redis else ''} "
             f"| {same_rate_cell(d['canal'], d[s], step_p99) if not redis else '-'} |"
         )
     out += ["", "CPU per delivery falls as the rate rises (more messages per wake and per write) and p99 grows"
             " with it, so the last two columns compare both servers at the highest rate both ran clean in"
-            " that round."]
+            f" that round. Where both were at least {SATURATED_PCT:.0f} % busy there, each one's CPU per"
+            " delivery is about its busy share divided by the rate, so that ratio is about the ratio of their"
+            " busy shares and says little about their efficiency; latency at the same rate and the zero-loss"
+            " rate tell them apart."]
     return out
+
+
+def saturated_note(ra, rb):
+    n, total = both_saturated(ra, rb)
+    return f"; both ≥ {SATURATED_PCT:.0f} % busy in {n} of {total} rounds" if n else ""
 
 
 def same_rate_cell(ra, rb, key):
