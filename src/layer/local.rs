@@ -134,6 +134,11 @@ impl Mailbox {
         }
     }
 
+    /// Whether `owner` reads this mailbox.
+    fn owned_by(&self, owner: Owner) -> bool {
+        self.owner.load(Ordering::Relaxed) == owner as u8
+    }
+
     /// The local id: the channel is `specific.<process>!<id in hex>`.
     pub(crate) fn id(&self) -> u64 {
         self.id
@@ -206,7 +211,7 @@ impl Mailbox {
         let crowded = queue.len() * 8 >= self.capacity as usize * 7;
         if crowded
             && let Some(watch) = watch
-            && self.owner.load(Ordering::Relaxed) == Owner::Connection as u8
+            && self.owned_by(Owner::Connection)
             && !self.watched.swap(true, Ordering::Relaxed)
         {
             // Under the lock, so the owner's take (which releases it) comes after.
@@ -384,8 +389,8 @@ pub(crate) struct DeferredWakes {
     /// Wakes are listed here rather than run at once.
     defer: bool,
     mailboxes: Vec<Arc<Mailbox>>,
-    /// A push found its mailbox seven eighths full or more: the passes are falling behind
-    /// the sends, and the sender should wait for the one under way ([`LocalChannels::run_wakes`]).
+    /// A push found its mailbox seven eighths full or more: the members are falling behind
+    /// the sends, and the sender should wait for them ([`LocalChannels::run_wakes`]).
     crowded: bool,
 }
 
@@ -500,6 +505,20 @@ impl Registry {
     }
 }
 
+/// Waits until `done()`, checking it again each time `notify` wakes its waiters (it is asked
+/// after the wait is armed, so a notification between the check and the wait is not missed).
+async fn wait_until(notify: &tokio::sync::Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
+}
+
 fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
     let mut n = 0;
     while queue.front().is_some_and(|e| e.expires_ms <= now_ms) {
@@ -518,11 +537,12 @@ fn purge_expired(queue: &mut VecDeque<Envelope>, now_ms: u64) -> u64 {
 /// LIFO slot) and others steal, so there the sender, woken when the pass ends, could run again
 /// before the members of the last chunk and overflow them; and a small room's members are
 /// woken at once, with no pass to wait for. So the sender waits until every crowded
-/// connection mailbox has been taken. Only connections are counted: their task takes the whole mailbox each time it runs,
-/// and it is woken for what was pushed, so the wait ends; an [`Inbox`] or a `new_channel()`
-/// may never be read. The count is per process, not per room: a sender held back waits for
-/// every crowded member, its room's and others'. That is simpler, and every sender that flags
-/// a member waits too, so under overload the senders stop and the count runs down to zero.
+/// connection mailbox has been taken. Only connections are counted: their task takes the
+/// whole mailbox each time it runs, and it is woken for what was pushed, so the wait ends; an
+/// [`Inbox`] or a `new_channel()` may never be read. The count is per process, not per room:
+/// a sender held back waits for every crowded member, its room's and others'. That is
+/// simpler, and every sender that flags a member waits too, so under overload the senders
+/// stop and the count runs down to zero.
 #[derive(Default)]
 struct Watch {
     /// Mailboxes flagged `watched`.
@@ -788,28 +808,12 @@ impl LocalChannels {
     /// Waits until no crowded connection mailbox is left untaken.
     async fn wait_for_drains(&self) {
         let watch = &self.inner.watch;
-        loop {
-            let notified = watch.drained.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if watch.count.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(&watch.drained, || watch.count.load(Ordering::Acquire) == 0).await;
     }
 
     /// Waits until the wake queue is empty.
     async fn wait_for_wakes(&self) {
-        loop {
-            let notified = self.inner.wakes_done.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if !self.inner.wakes.lock().running {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(&self.inner.wakes_done, || !self.inner.wakes.lock().running).await;
     }
 
     fn start_wakes(&self, mut wakes: DeferredWakes) {
@@ -850,7 +854,7 @@ impl LocalChannels {
     pub(crate) fn sweep_detached(&self, now_secs: u32, idle_secs: u32) {
         for shard in self.inner.shards.iter() {
             shard.write().retain(|_, mb| {
-                !(mb.owner.load(Ordering::Relaxed) == Owner::Detached as u8
+                !(mb.owned_by(Owner::Detached)
                     && !mb.has_messages()
                     && now_secs.saturating_sub(mb.activity.load(Ordering::Relaxed)) > idle_secs)
             });
@@ -875,7 +879,7 @@ impl LocalChannels {
     pub(crate) fn clear(&self) {
         for shard in self.inner.shards.iter() {
             shard.write().retain(|_, mb| {
-                if mb.owner.load(Ordering::Relaxed) == Owner::Detached as u8 {
+                if mb.owned_by(Owner::Detached) {
                     mb.close();
                     false
                 } else {
