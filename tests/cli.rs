@@ -270,16 +270,14 @@ async fn serves_on_a_unix_socket_path_with_a_root_path() {
 
 #[tokio::test]
 async fn a_builtin_moved_onto_an_app_route_is_an_error_at_startup() {
-    let out = canal()
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--metrics-path",
-            "/health",
-        ])
-        .output()
-        .unwrap();
+    let clash = [
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--metrics-path",
+        "/health",
+    ];
+    let out = canal().args(clash).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -289,14 +287,8 @@ async fn a_builtin_moved_onto_an_app_route_is_an_error_at_startup() {
     // Switched off, the clash is gone.
     let mut child = Running::spawn(
         canal()
-            .args([
-                "serve",
-                "--bind",
-                "127.0.0.1:0",
-                "--metrics-path",
-                "/health",
-                "--no-metrics",
-            ])
+            .args(clash)
+            .arg("--no-metrics")
             .stdout(Stdio::piped()),
     );
     let mut line = String::new();
