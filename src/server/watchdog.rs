@@ -1,13 +1,15 @@
 //! The watchdog for tasks a consumer spawns and for HTTP consumers: a poll that holds its worker
 //! thread longer than `blocking_threshold` is logged and counted (`canal_blocking_polls_total`),
-//! as WebSocket consumer handlers' polls are in the connection task. It cannot stop such a poll: nothing in Rust can
-//! preempt a future that does not yield; it makes the offender visible.
+//! as WebSocket consumer handlers' polls are in the connection task (both time their polls with
+//! [`PollTimer`]). It cannot stop such a poll: nothing in Rust can preempt a future that does not
+//! yield; it makes the offender visible.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use super::{Shared, coarse_now};
 
@@ -54,21 +56,42 @@ impl<F: Future> Future for Watched<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        let started = this.shared.as_ref().map(|_| coarse_now());
+        let Some(shared) = this.shared.as_deref() else {
+            return this.inner.as_mut().poll(cx);
+        };
+        let timer = PollTimer::start(shared);
         let result = this.inner.as_mut().poll(cx);
-        if let (Some(started), Some(shared)) = (started, this.shared.as_ref())
-            && let Some(threshold) = shared.config.blocking_threshold
-        {
-            let held = coarse_now().saturating_sub(started);
-            if held > threshold {
-                shared.stats.blocking_polls.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    held_ms = held.as_millis() as u64,
-                    "a task spawned by a consumer held a worker thread without yielding; \
-                     blocking code belongs in tokio::task::spawn_blocking"
-                );
-            }
+        if let Some(held) = timer.overran(shared) {
+            tracing::warn!(
+                held_ms = held.as_millis() as u64,
+                "a task spawned by a consumer held a worker thread without yielding; \
+                 blocking code belongs in tokio::task::spawn_blocking"
+            );
         }
         result
+    }
+}
+
+/// Times one poll against the server's blocking threshold, to the kernel's tick (the coarse
+/// clock): the connection task times its handler's polls with it, [`Watched`] the polls of
+/// spawned tasks and HTTP consumers.
+pub(crate) struct PollTimer(Option<Duration>);
+
+impl PollTimer {
+    /// Starts timing, if the server has a threshold (else nothing is read).
+    pub(crate) fn start(shared: &Shared) -> PollTimer {
+        PollTimer(shared.config.blocking_threshold.map(|_| coarse_now()))
+    }
+
+    /// After the poll: when it held its thread past the threshold, counts it
+    /// (`canal_blocking_polls_total`) and says for how long, for the caller's warning.
+    pub(crate) fn overran(self, shared: &Shared) -> Option<Duration> {
+        let (started, threshold) = (self.0?, shared.config.blocking_threshold?);
+        let held = coarse_now().saturating_sub(started);
+        if held <= threshold {
+            return None;
+        }
+        shared.stats.blocking_polls.fetch_add(1, Ordering::Relaxed);
+        Some(held)
     }
 }

@@ -35,6 +35,7 @@ use crate::message::Message;
 use crate::scope::Scope;
 use crate::server::config::OverflowPolicy;
 use crate::server::stats::HandshakeFailure;
+use crate::server::watchdog::PollTimer;
 use crate::server::{Shared, coarse_secs};
 
 /// Size of the per-thread read buffer: one read takes at most this much from a socket.
@@ -407,26 +408,15 @@ impl Conn {
         let Slot::Busy(fut) = &mut self.slot else {
             return None;
         };
-        let started = self
-            .shared
-            .config
-            .blocking_threshold
-            .map(|_| crate::server::coarse_now());
+        let timer = PollTimer::start(&self.shared);
         let result = AssertUnwindSafe(fut.as_mut()).catch_unwind().poll_unpin(cx);
-        if let (Some(started), Some(threshold)) = (started, self.shared.config.blocking_threshold) {
-            let held = crate::server::coarse_now().saturating_sub(started);
-            if held > threshold {
-                self.shared
-                    .stats
-                    .blocking_polls
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    path = self.scope.path(),
-                    held_ms = held.as_millis() as u64,
-                    "a consumer handler held a worker thread without yielding; blocking code \
-                     belongs in tokio::task::spawn_blocking"
-                );
-            }
+        if let Some(held) = timer.overran(&self.shared) {
+            tracing::warn!(
+                path = self.scope.path(),
+                held_ms = held.as_millis() as u64,
+                "a consumer handler held a worker thread without yielding; blocking code \
+                 belongs in tokio::task::spawn_blocking"
+            );
         }
         match result {
             Poll::Pending => {
