@@ -131,11 +131,10 @@ impl Fifo {
             }
             Fifo::Empty => *self = Fifo::One(envelope),
             Fifo::One(_) => {
-                let Fifo::One(first) = std::mem::take(self) else {
-                    return;
-                };
                 let mut queue = VecDeque::with_capacity(reserve.max(4));
-                queue.push_back(first);
+                if let Fifo::One(first) = std::mem::take(self) {
+                    queue.push_back(first);
+                }
                 queue.push_back(envelope);
                 *self = Fifo::Many(queue);
             }
