@@ -120,12 +120,36 @@ struct RecvState {
 }
 
 fn parse_msg(p: &[u8]) -> Option<(usize, u64, u64)> {
-    let s = std::str::from_utf8(p).ok()?;
-    let mut it = s.split(' ');
-    let step = it.next()?.parse().ok()?;
-    let seq = it.next()?.parse().ok()?;
-    let ns = it.next()?.trim_end_matches('.').parse().ok()?;
-    Some((step, seq, ns))
+    // Read byte by byte: at millions of deliveries a second this runs on the generator's one
+    // core, where the `str` version (UTF-8 check, split, trim, three parses) took a fifth of it.
+    let (step, rest) = parse_u64(p, Some(b' '))?;
+    let (seq, rest) = parse_u64(rest, Some(b' '))?;
+    let (ns, rest) = parse_u64(rest, None)?;
+    if !rest.iter().all(|&b| b == b'.') {
+        return None;
+    }
+    Some((usize::try_from(step).ok()?, seq, ns))
+}
+
+/// A decimal number at the start of `p` (at least one digit, no overflow), then `sep` if given;
+/// returns it and what follows.
+fn parse_u64(p: &[u8], sep: Option<u8>) -> Option<(u64, &[u8])> {
+    let digits = p.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in &p[..digits] {
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    let rest = &p[digits..];
+    match sep {
+        Some(sep) => match rest.split_first() {
+            Some((&b, rest)) if b == sep => Some((n, rest)),
+            _ => None,
+        },
+        None => Some((n, rest)),
+    }
 }
 
 impl Shared {
@@ -628,6 +652,15 @@ mod tests {
         assert_eq!(parse_msg(b"2 17 123456......"), Some((2, 17, 123456)));
         assert_eq!(parse_msg(b"0 0 5"), Some((0, 0, 5)));
         assert_eq!(parse_msg(b"sync 3"), None);
+        assert_eq!(parse_msg(b"1 2 3x"), None);
+        assert_eq!(parse_msg(b"1  2 3"), None);
+        assert_eq!(parse_msg(b"1 2"), None);
+        assert_eq!(parse_msg(b"1 2 "), None);
+        assert_eq!(parse_msg(b"1 99999999999999999999 3"), None);
+        assert_eq!(
+            parse_msg(format!("3 4 {}", u64::MAX).as_bytes()),
+            Some((3, 4, u64::MAX))
+        );
     }
 
     #[test]
