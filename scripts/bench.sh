@@ -17,6 +17,9 @@
 # receivers are split between processes A and B, the sender talks to process C, so every
 # delivery crosses Redis. The load is on CPU 1. Server CPU is the sum over the three servers and
 # redis-server for the whole run, divided by all deliveries.
+# Fan-out sizes (full mode): FAN_RECV receivers (1000), a ramp from FAN_RATE msg/s (50) of at
+# most FAN_STEPS steps (10) of FAN_S seconds (3). FAN_STEPS=1 measures one fixed rate, where
+# neither server is saturated CPU per delivery compares their efficiency (docs/BENCHMARKS.md).
 # Traffic goes to 127.0.0.0/8 only; every load loop is bounded in time and count.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -51,7 +54,7 @@ if [ $QUICK = 1 ]; then
 else
   ECHO_S=10 ECHO_CONNS=100
   FAN_RECV=${FAN_RECV:-1000} FAN_RATE=${FAN_RATE:-50} FAN_RATE_DJANGO=${FAN_RATE_DJANGO:-2}
-  FAN_S=3 FAN_STEPS=10
+  FAN_S=${FAN_S:-3} FAN_STEPS=${FAN_STEPS:-10}
   IDLE_COUNTS=2000,6000,10000,14000,18000 IDLE_PROCS=2 IDLE_SETTLE=20
   XC_S=8
   RED_RECV=${RED_RECV:-1000} RED_RATE=${RED_RATE:-1} RED_STEPS=10
