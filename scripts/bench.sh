@@ -29,7 +29,7 @@ VENV=${CANAL_BENCH_VENV:-$HOME/.cache/canal/bench-venv}
 QUICK=0 APPEND=0 ROUNDS=2
 SCENARIOS=echo,fanout,idle,crosscheck
 SERVERS=canal,uws,ws,django
-CMDLINE="scripts/bench.sh $*"
+ARGS="$*"
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) QUICK=1 ;;
@@ -41,6 +41,14 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+# The report names the exact command, with the sizes a full run takes from the environment.
+ENVS=
+if [ $QUICK = 0 ]; then
+  for v in FAN_RECV FAN_RATE FAN_RATE_DJANGO FAN_STEPS FAN_S RED_RECV RED_RATE; do
+    if [ -n "${!v:-}" ]; then ENVS+="$v=${!v} "; fi
+  done
+fi
+CMDLINE="${ENVS}scripts/bench.sh $ARGS"
 [ "$ROUNDS" -ge 1 ] && [ "$ROUNDS" -le 5 ] || { echo "--rounds must be 1..5" >&2; exit 2; }
 command -v taskset >/dev/null || { echo "bench.sh: taskset (util-linux) is needed" >&2; exit 1; }
 [ "$(nproc)" -ge 2 ] || { echo "bench.sh: needs 2 CPUs (server on CPU 0, load on CPU 1)" >&2; exit 1; }
