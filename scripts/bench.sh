@@ -18,8 +18,8 @@
 # delivery crosses Redis. The load is on CPU 1. Server CPU is the sum over the three servers and
 # redis-server for the whole run, divided by all deliveries.
 # Fan-out sizes (full mode): FAN_RECV receivers (1000), a ramp from FAN_RATE msg/s (50) of at
-# most FAN_STEPS steps (10) of FAN_S seconds (3). FAN_STEPS=1 measures one fixed rate, where
-# neither server is saturated CPU per delivery compares their efficiency (docs/BENCHMARKS.md).
+# most FAN_STEPS steps (10) of FAN_S seconds (3). FAN_STEPS=1 measures one fixed rate: at a rate
+# where neither server is saturated, CPU per delivery compares their efficiency.
 # Traffic goes to 127.0.0.0/8 only; every load loop is bounded in time and count.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -217,14 +217,14 @@ impl Shared {
         count.fetch_add(1, Relaxed);
         s.seq_max_ns[seq as usize].fetch_max(lat, Relaxed);
         if st.batch.step != step {
-            self.flush(i, now, st);
+            self.count_read(i, now, st);
             st.batch.step = step;
         }
         st.batch.lat_us.push((lat / 1000).max(1));
     }
 
     /// Adds receiver `i`'s batch, read at `now`, to its step's totals.
-    fn flush(&self, i: usize, now: u64, st: &mut RecvState) {
+    fn count_read(&self, i: usize, now: u64, st: &mut RecvState) {
         let batch = &mut st.batch;
         if batch.lat_us.is_empty() {
             return;
@@ -271,7 +271,7 @@ async fn receiver(
                 }
                 let now = sh.now_ns();
                 let ok = conn.drain(|_, p| sh.on_message(i, p, now, &mut st)).is_ok();
-                sh.flush(i, now, &mut st);
+                sh.count_read(i, now, &mut st);
                 if !ok || conn.flush().await.is_err() || conn.peer_closed().is_some() {
                     sh.mark_dead(i, conn.peer_closed());
                     return false;
@@ -707,18 +707,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn order_and_gaps() {
+    /// One receiver's shared state with `steps` steps of 10 messages each.
+    fn shared(steps: usize) -> Shared {
         let sh = Shared {
             base: std::time::Instant::now(),
-            steps: vec![OnceLock::new()],
+            steps: (0..steps).map(|_| OnceLock::new()).collect(),
             synced: AtomicUsize::new(0),
             dead: AtomicUsize::new(0),
             dead_flags: vec![AtomicBool::new(false)],
             last_close_code: AtomicU32::new(0),
             other: AtomicU64::new(0),
         };
-        let _ = sh.steps[0].set(StepStats::new(10, 1));
+        for step in &sh.steps {
+            let _ = step.set(StepStats::new(10, 1));
+        }
+        sh
+    }
+
+    #[test]
+    fn order_and_gaps() {
+        let sh = shared(1);
         let mut st = RecvState::default();
         for seq in [0u64, 1, 3, 2, 4] {
             sh.on_message(0, format!("0 {seq} 0").as_bytes(), 1000, &mut st);
@@ -727,9 +735,9 @@ mod tests {
         assert_eq!(
             s.delivered.load(Relaxed),
             0,
-            "counted when the read is flushed"
+            "counted once the read is done"
         );
-        sh.flush(0, 1000, &mut st);
+        sh.count_read(0, 1000, &mut st);
         assert_eq!(s.delivered.load(Relaxed), 5);
         assert_eq!(s.hist.lock().unwrap().len(), 5);
         assert_eq!(s.gaps.load(Relaxed), 1);
@@ -739,22 +747,12 @@ mod tests {
 
     #[test]
     fn a_read_spanning_two_steps_counts_each_in_its_own() {
-        let sh = Shared {
-            base: std::time::Instant::now(),
-            steps: vec![OnceLock::new(), OnceLock::new()],
-            synced: AtomicUsize::new(0),
-            dead: AtomicUsize::new(0),
-            dead_flags: vec![AtomicBool::new(false)],
-            last_close_code: AtomicU32::new(0),
-            other: AtomicU64::new(0),
-        };
-        let _ = sh.steps[0].set(StepStats::new(10, 1));
-        let _ = sh.steps[1].set(StepStats::new(10, 1));
+        let sh = shared(2);
         let mut st = RecvState::default();
         for m in ["0 8 0", "0 9 0", "1 0 0", "1 1 0", "1 2 0"] {
             sh.on_message(0, m.as_bytes(), 5_000_000, &mut st);
         }
-        sh.flush(0, 5_000_000, &mut st);
+        sh.count_read(0, 5_000_000, &mut st);
         let (a, b) = (sh.steps[0].get().unwrap(), sh.steps[1].get().unwrap());
         assert_eq!(a.delivered.load(Relaxed), 2);
         assert_eq!(b.delivered.load(Relaxed), 3);

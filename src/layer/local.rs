@@ -468,7 +468,7 @@ impl Mailbox {
     /// A push takes the mailbox's lock: a locked instruction, which waits for every load
     /// before it. In a large room's group send each push then waited for its own mailbox's
     /// cache miss, one after another (`perf` at 320 msg/s into 10,000 receivers: the pushes
-    /// were 17 % of canal's samples, most of it on the first load of each mailbox). Touching
+    /// were 17–28 % of canal's samples, most of it on the first load of each mailbox). Touching
     /// the next few mailboxes first, with plain loads and no lock between them, lets their
     /// misses overlap; the pushes then find them in the cache. A hint only: nothing depends
     /// on the values read.
