@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite:
-#   1. the Python venv for the channels_redis interop tests (~/.cache/canal/py-venv);
-#   2. `cargo test` (unit, integration over real sockets, real redis-server processes started
+#   1. `cargo fmt --check`, `cargo clippy -D warnings` and the API docs built with warnings as
+#      errors (private items too, so no doc link rots);
+#   2. the Python venv for the channels_redis interop tests (~/.cache/canal/py-venv);
+#   3. `cargo test` (unit, integration over real sockets, real redis-server processes started
 #      per test, real Python channels_redis, doc tests, example builds);
-#   3. the chat page end to end in headless Chromium (scripts/browser-test.sh; playwright-core
+#   4. the chat page end to end in headless Chromium (scripts/browser-test.sh; playwright-core
 #      is installed with npm ci into tests/browser/node_modules);
-#   4. a smoke run of the benchmark (canal only, a few seconds), so the suite keeps working;
-#   5. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
+#   5. a smoke run of the benchmark (canal only, a few seconds), so the suite keeps working;
+#   6. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
 #
 # Needs cargo, python3 with venv, redis-server, node 18+ with npm, and chromium. Outside CI a
 # missing outside part is reported loudly and its tests skip; under CI=true they fail instead.
@@ -16,6 +18,16 @@ cd "$ROOT"
 
 ci() { [[ "${CI:-}" == "true" ]]; }
 warn() { printf '\n*** test.sh: %s ***\n\n' "$*" >&2; }
+
+echo "== format, lints and API docs"
+if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; then
+    cargo fmt --all --check
+    cargo clippy --all-targets --workspace -q -- -D warnings
+else
+    ci && { echo "test.sh: rustfmt and clippy are required under CI" >&2; exit 1; }
+    warn "rustfmt or clippy is missing (rustup component add rustfmt clippy): format and lint checks SKIP"
+fi
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items -q
 
 PY_VENV="${CANAL_PY_VENV:-$HOME/.cache/canal/py-venv}"
 REQS="tests/python/requirements.txt"

@@ -221,7 +221,7 @@ impl Drop for Context {
 
 /// Sends to one connection from anywhere in the process (a task spawned by its consumer, a
 /// timer, another consumer). Cheap to clone. Every method fails with
-/// [`Error::Closed`](crate::Error::Closed) once the connection is gone.
+/// [`Error::Closed`] once the connection is gone.
 #[derive(Clone)]
 pub struct Handle {
     mailbox: Arc<Mailbox>,

@@ -1026,7 +1026,7 @@ impl LocalChannels {
 /// The owned receiving end of a local channel: a connection's reply channel.
 ///
 /// Dropping it closes the mailbox and removes it from the registry; later sends to its name
-/// are counted as [`DropReason::NoReceiver`](crate::layer::DropReason::NoReceiver).
+/// are counted as [`DropReason::NoReceiver`].
 pub struct Inbox {
     /// Knows its own id.
     mailbox: Arc<Mailbox>,

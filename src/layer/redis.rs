@@ -71,7 +71,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Send with capacity check, as `channels_redis`' four round trips but atomic and in one.
-/// KEYS[1] channel key; ARGV: member, capacity, purge-until score, score, expiry.
+/// `KEYS[1]` channel key; `ARGV`: member, capacity, purge-until score, score, expiry.
 static SEND_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"

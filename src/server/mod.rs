@@ -3,7 +3,7 @@
 //! [`Server::serve`] takes a bound listener and a shutdown future, so tests bind port 0 and end
 //! the server when they like. Each TCP connection is served by hyper (HTTP/1.1, keep-alive,
 //! header timeout); a WebSocket upgrade hands the raw socket to a connection task of our own
-//! ([`ws::conn`]) and hyper lets go of it.
+//! (`ws::conn`) and hyper lets go of it.
 
 mod admin;
 pub mod auth;
