@@ -10,8 +10,9 @@
 #   5. a smoke run of the benchmark (canal only, a few seconds), so the suite keeps working;
 #   6. the Autobahn|Testsuite cases 1-10 against `canal serve`'s echo endpoint.
 #
-# Needs cargo, python3 with venv, redis-server, node 18+ with npm, and chromium. Outside CI a
-# missing outside part is reported loudly and its tests skip; under CI=true they fail instead.
+# Needs cargo with rustfmt and clippy, python3 with venv, redis-server, node 18+ with npm, and
+# chromium. Outside CI a missing outside part is reported loudly and its tests skip; under
+# CI=true they fail instead.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
