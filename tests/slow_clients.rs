@@ -203,6 +203,14 @@ async fn stalled_members_are_closed_and_the_others_keep_their_latency() {
         rss_peak < rss_baseline + 64 * 1024,
         "RSS grew from {rss_baseline} KiB to {rss_peak} KiB"
     );
+    // The room is large enough that its members are written to by the group send's pass of
+    // wakes while they sleep; the stalled members' sockets filled up during such writes, and
+    // their tasks wrote the rest (and the readers above still got every message in order).
+    let direct = metric(addr, "canal_websocket_direct_messages_total").await;
+    let partial = metric(addr, "canal_websocket_direct_partial_writes_total").await;
+    eprintln!("direct writes: {direct} messages, {partial} partial");
+    assert!(direct > 0.0, "no message was written directly");
+    assert!(partial > 0.0, "no direct write was partial");
     assert_eq!(
         metric(addr, "canal_slow_client_closes_total").await,
         STALLED as f64,

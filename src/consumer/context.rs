@@ -36,6 +36,10 @@ pub(crate) enum Command {
         code: u16,
         reason: String,
     },
+    /// Not from a consumer: the unwritten rest of frames that a pass of wakes wrote straight
+    /// to the socket and the socket took only in part (`Mailbox::write_through`). The
+    /// connection writes it before anything else.
+    Remainder(Bytes),
 }
 
 /// The connection a consumer serves. Passed to every handler.

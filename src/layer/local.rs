@@ -17,11 +17,13 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
+use thin_vec::ThinVec;
 use tokio::time::Instant;
 
 use crate::consumer::Command;
 use crate::layer::stats::{Counters, DropReason};
 use crate::message::Message;
+use crate::server::ws::outlet::Outlet;
 
 /// Number of registry shards; a power of two so the shard is a mask of the id.
 const SHARDS: usize = 32;
@@ -108,6 +110,16 @@ impl Fifo {
         }
     }
 
+    /// The queued messages, oldest first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Envelope> {
+        let (one, many) = match self {
+            Fifo::Empty => (None, None),
+            Fifo::One(envelope) => (Some(envelope), None),
+            Fifo::Many(queue) => (None, Some(queue.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
     /// Takes the oldest message; an emptied buffer is kept (see [`Fifo::shrink`]).
     fn pop_front(&mut self) -> Option<Envelope> {
         match self {
@@ -184,7 +196,7 @@ impl Iterator for FifoIter {
 #[derive(Default)]
 pub(crate) struct Taken {
     pub(crate) messages: Fifo,
-    pub(crate) commands: Vec<Command>,
+    pub(crate) commands: ThinVec<Command>,
     /// Expired messages dropped on the way.
     pub(crate) expired: u64,
 }
@@ -195,10 +207,25 @@ struct Queues {
     /// Layer messages addressed to this channel (bounded by `capacity`).
     messages: Fifo,
     /// Socket commands from the owning consumer and its handles (bounded downstream by the
-    /// connection's outbound queue). Always taken whole, so a `Vec` (8 bytes smaller than a
-    /// `VecDeque`, which keeps the whole mailbox in a 128-byte allocation).
-    commands: Vec<Command>,
+    /// connection's outbound queue). Always taken whole, so a vector, and a thin one (its
+    /// length and capacity live in its buffer; empty, it is one pointer to a shared header):
+    /// with the outlet beside it, that keeps the whole mailbox in a 128-byte allocation.
+    commands: ThinVec<Command>,
+    /// The connection's socket, when its task lets a pass of wakes write to it
+    /// ([`Mailbox::write_through`]). Dropped when the mailbox closes.
+    outlet: Option<Arc<Outlet>>,
 }
+
+/// [`Mailbox::poll_state`]: the owner sleeps; a push wakes it.
+const SLEEPING: u8 = 0;
+/// [`Mailbox::poll_state`]: the owner's task is being polled and will look at both queues before
+/// it sleeps ([`Mailbox::end_poll`]), so a push needs no wake: waking a running task costs it
+/// one more whole poll.
+const POLLING: u8 = 1;
+/// [`Mailbox::poll_state`]: the owner sleeps with nothing of its own left to write, and its
+/// mailbox has an outlet: a pass of wakes may write its messages to its socket instead of
+/// waking it ([`Mailbox::write_through`]).
+const ARMED: u8 = 2;
 
 pub(crate) struct Mailbox {
     queue: Mutex<Queues>,
@@ -206,10 +233,10 @@ pub(crate) struct Mailbox {
     capacity: u32,
     signals: AtomicU8,
     closed: AtomicBool,
-    /// The owning connection task is being polled and will look at both queues before it
-    /// sleeps ([`Mailbox::end_poll`]), so a push needs no wake: waking a running task costs it
-    /// one more whole poll. Cleared under the queue lock, read under it by pushers.
-    owner_polling: AtomicBool,
+    /// Whether the owner is being polled ([`POLLING`]), sleeps ([`SLEEPING`]) or sleeps and
+    /// lets a pass of wakes write to its socket ([`ARMED`]). Leaves `POLLING` under the queue
+    /// lock, and is read under it by pushers and by the writer.
+    poll_state: AtomicU8,
     /// Who reads it ([`Owner`]).
     owner: AtomicU8,
     /// A group send found this mailbox crowded and waits until its owner has taken it (see
@@ -239,7 +266,7 @@ impl Mailbox {
             capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
             signals: AtomicU8::new(0),
             closed: AtomicBool::new(false),
-            owner_polling: AtomicBool::new(false),
+            poll_state: AtomicU8::new(SLEEPING),
             owner: AtomicU8::new(owner as u8),
             watched: AtomicBool::new(false),
             wake_deferred: AtomicBool::new(false),
@@ -332,7 +359,7 @@ impl Mailbox {
             // Under the lock, so the owner's take (which releases it) comes after.
             watch.count.fetch_add(1, Ordering::AcqRel);
         }
-        let wake = if self.owner_polling.load(Ordering::Relaxed) {
+        let wake = if self.poll_state.load(Ordering::Relaxed) == POLLING {
             Wake::No
         } else if !defer {
             Wake::Now
@@ -348,6 +375,89 @@ impl Mailbox {
     fn wake_if_deferred(&self) {
         if self.wake_deferred.swap(false, Ordering::Relaxed) {
             self.waker.wake();
+        }
+    }
+
+    /// Runs a deferred wake in a pass of wakes: when the owner sleeps armed, writes its queued
+    /// messages to its socket ([`write_through`](Self::write_through)) and wakes it only if
+    /// something is left for it to do.
+    fn deliver_deferred(&self, registry: &Registry) {
+        if !self.wake_deferred.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if self.poll_state.load(Ordering::Relaxed) == ARMED && self.write_through(registry) {
+            return;
+        }
+        self.waker.wake();
+    }
+
+    /// Writes the messages at the head of the queue to the owner's socket through its
+    /// [`Outlet`], with one `send`, while the owner sleeps; true when the queue was emptied
+    /// that way and the owner need not run.
+    ///
+    /// Why: in a large room most members sleep between messages, and each delivery used to
+    /// cost a wake, a poll of the member's task (take the mailbox, frame, write, sleep) and
+    /// the `send`. The `send` is most of it (about 8 µs in the kernel on loopback), but the
+    /// rest is what set canal behind uWebSockets.js in CPU per delivery at low rates, where
+    /// nothing batches (docs/BENCHMARKS.md). Here a delivery is the `send` plus framing.
+    ///
+    /// Safety of the stream: the owner arms only with nothing unwritten of its own
+    /// ([`end_poll`](Self::end_poll)), and leaves the armed state under this lock before it
+    /// writes again ([`begin_poll`](Self::begin_poll)), so its writes and these never
+    /// interleave. What the socket takes only in part is handed to the owner as
+    /// [`Command::Remainder`] (it writes it before anything else) and disarms the mailbox
+    /// until the owner has written everything again. Expired messages at the head are dropped
+    /// and counted, as the owner would; the first message the outlet does not write (not of a
+    /// fastlane type, too large) and all behind it stay queued, in order, for the owner.
+    fn write_through(&self, registry: &Registry) -> bool {
+        let mut queues = self.queue.lock();
+        let Queues {
+            messages,
+            commands,
+            outlet,
+        } = &mut *queues;
+        let Some(outlet) = outlet.as_ref() else {
+            return false;
+        };
+        if self.poll_state.load(Ordering::Relaxed) != ARMED
+            || !commands.is_empty()
+            || messages.is_empty()
+        {
+            return false;
+        }
+        let expired = purge_expired(messages, registry.now_ms());
+        if expired > 0 {
+            registry
+                .counters
+                .drop(DropReason::Expired, expired, &registry.name_of(self.id));
+        }
+        let wrote = outlet.write_front(messages);
+        for _ in 0..wrote.messages {
+            messages.pop_front();
+        }
+        if let Some(rest) = wrote.rest {
+            commands.push(Command::Remainder(rest));
+            // The owner has bytes of its own to write now: no more writes from here until
+            // it has written them. Release: its next poll sees this write done.
+            self.poll_state.store(SLEEPING, Ordering::Release);
+            return false;
+        }
+        if !messages.is_empty() {
+            return false;
+        }
+        *messages = Fifo::Empty;
+        registry
+            .watch
+            .release(self.watched.swap(false, Ordering::Relaxed));
+        true
+    }
+
+    /// Lets a pass of wakes write this connection's messages to its socket while its task
+    /// sleeps ([`write_through`](Self::write_through)); the mailbox keeps the outlet until it
+    /// closes.
+    pub(crate) fn attach_outlet(&self, outlet: Arc<Outlet>) {
+        if !self.closed.load(Ordering::Acquire) {
+            self.queue.lock().outlet = Some(outlet);
         }
     }
 
@@ -384,7 +494,7 @@ impl Mailbox {
         let wake = {
             let mut queues = self.queue.lock();
             queues.commands.push(command);
-            !self.owner_polling.load(Ordering::Relaxed)
+            self.poll_state.load(Ordering::Relaxed) != POLLING
         };
         if wake {
             self.waker.wake();
@@ -393,18 +503,33 @@ impl Mailbox {
     }
 
     /// The owner starts a poll in which it will call [`end_poll`](Self::end_poll) before it
-    /// sleeps: pushes meanwhile skip the wake.
+    /// sleeps: pushes meanwhile skip the wake, and no pass of wakes writes to its socket.
     pub(crate) fn begin_poll(&self) {
-        self.owner_polling.store(true, Ordering::Relaxed);
+        // Acquire: a writer that disarmed the mailbox (a partial write) is done writing.
+        if self.poll_state.load(Ordering::Acquire) == ARMED {
+            // A pass of wakes may be writing to the socket right now, under the lock: wait
+            // for it, and leave the armed state where the next one looks.
+            let _queues = self.queue.lock();
+            self.poll_state.store(POLLING, Ordering::Relaxed);
+        } else {
+            self.poll_state.store(POLLING, Ordering::Relaxed);
+        }
     }
 
-    /// The owner is about to sleep: from now on pushes wake it again. True when something
+    /// The owner is about to sleep: from now on pushes wake it again, and with `armed` (it has
+    /// nothing unwritten of its own) and an outlet, a pass of wakes may write its messages to
+    /// its socket instead ([`write_through`](Self::write_through)). True when something
     /// arrived that it has not taken yet (it must keep going instead of sleeping).
-    pub(crate) fn end_poll(&self) -> bool {
+    pub(crate) fn end_poll(&self, armed: bool) -> bool {
         let queues = self.queue.lock();
-        // Cleared under the lock that pushers hold when they read it: a push either lands
-        // before this check (and is seen here) or after it (and sees the flag cleared).
-        self.owner_polling.store(false, Ordering::Relaxed);
+        // Changed under the lock that pushers hold when they read it: a push either lands
+        // before this check (and is seen here) or after it (and sees the owner sleeping).
+        let state = if armed && queues.outlet.is_some() {
+            ARMED
+        } else {
+            SLEEPING
+        };
+        self.poll_state.store(state, Ordering::Relaxed);
         !queues.messages.is_empty() || !queues.commands.is_empty()
     }
 
@@ -608,6 +733,18 @@ impl Drop for WakeRunner {
 }
 
 impl Registry {
+    /// Milliseconds on the layer clock (follows tokio's clock, so paused-time tests work).
+    fn now_ms(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.clock_base)
+            .as_millis() as u64
+    }
+
+    /// The channel name of local id `id`.
+    fn name_of(&self, id: u64) -> String {
+        format!("{}{id:x}", self.prefix)
+    }
+
     /// Wakes up to `n` owed members, oldest first; true when the queue is empty (and no one is
     /// running it any more).
     fn wake_chunk(&self, n: usize) -> bool {
@@ -623,7 +760,7 @@ impl Registry {
             (chunk, done)
         };
         for mailbox in chunk {
-            mailbox.wake_if_deferred();
+            mailbox.deliver_deferred(self);
         }
         if done {
             self.wakes_done.notify_waiters();
@@ -745,9 +882,7 @@ impl LocalChannels {
 
     /// Milliseconds on the layer clock (follows tokio's clock, so paused-time tests work).
     pub(crate) fn now_ms(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.inner.clock_base)
-            .as_millis() as u64
+        self.inner.now_ms()
     }
 
     fn shard(&self, id: u64) -> &Shard {
@@ -780,7 +915,7 @@ impl LocalChannels {
 
     /// The channel name of local id `id`.
     pub fn name_of(&self, id: u64) -> String {
-        format!("{}{id:x}", self.inner.prefix)
+        self.inner.name_of(id)
     }
 
     /// The local id named by `name`, if it is one of this registry's names.
@@ -1225,6 +1360,6 @@ mod tests {
         let mut wakes = DeferredWakes::new(true);
         push_x(&registry, &mailbox, &mut wakes);
         assert!(wakes.mailboxes.is_empty());
-        assert!(mailbox.end_poll(), "the owner sees it before sleeping");
+        assert!(mailbox.end_poll(false), "the owner sees it before sleeping");
     }
 }

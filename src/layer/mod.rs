@@ -25,8 +25,8 @@ pub use self::redis::{
     PROCESS_KEY_CAPACITY_FACTOR, RedisConfig, RedisLayer, consistent_hash, redact,
 };
 pub use capacity::CapacityRule;
+pub(crate) use local::{Fifo, Mailbox, Signal};
 pub use local::{Inbox, LocalChannels};
-pub(crate) use local::{Mailbox, Signal};
 pub use memory::MemoryLayer;
 pub use names::{
     MAX_NAME_LENGTH, NameProblem, check_channel_name, check_group_name, non_local_name,

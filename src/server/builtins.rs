@@ -714,6 +714,19 @@ pub(crate) fn render_metrics(handle: &super::ServerHandle) -> String {
         &[("direction", "out")],
         s.frames_out,
     );
+    out.single(
+        "canal_websocket_direct_messages_total",
+        "counter",
+        "Of the messages out, layer messages a group send wrote straight to a sleeping \
+         connection's socket, without running its task.",
+        s.frames_out_direct,
+    );
+    out.single(
+        "canal_websocket_direct_partial_writes_total",
+        "counter",
+        "Direct writes the socket took only in part; the connection's task wrote the rest.",
+        s.direct_partial_writes,
+    );
     out.family(
         "canal_layer_messages_total",
         "counter",

@@ -144,6 +144,12 @@ pub struct ServerStats {
     pub frames_in: u64,
     /// Messages queued to clients.
     pub frames_out: u64,
+    /// Of `frames_out`, layer messages that a group send's pass of wakes wrote straight to a
+    /// sleeping connection's socket, without running the connection's task.
+    pub frames_out_direct: u64,
+    /// Those direct writes that the socket took only in part (the connection's task wrote
+    /// the rest).
+    pub direct_partial_writes: u64,
     /// Messages dropped because a client read too slowly.
     pub slow_drops: u64,
     /// Connections closed with 1008 because they read too slowly.
@@ -325,6 +331,8 @@ pub(crate) struct Counters {
     pub(crate) accept_errors: AtomicU64,
     pub(crate) frames_in: AtomicU64,
     pub(crate) frames_out: AtomicU64,
+    pub(crate) frames_out_direct: AtomicU64,
+    pub(crate) direct_partial_writes: AtomicU64,
     pub(crate) slow_drops: AtomicU64,
     pub(crate) slow_closes: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
@@ -355,6 +363,8 @@ impl Counters {
             accept_errors: z(),
             frames_in: z(),
             frames_out: z(),
+            frames_out_direct: z(),
+            direct_partial_writes: z(),
             slow_drops: z(),
             slow_closes: z(),
             protocol_errors: z(),
@@ -395,6 +405,8 @@ impl Counters {
             accept_errors: r(&self.accept_errors),
             frames_in: r(&self.frames_in),
             frames_out: r(&self.frames_out),
+            frames_out_direct: r(&self.frames_out_direct),
+            direct_partial_writes: r(&self.direct_partial_writes),
             slow_drops: r(&self.slow_drops),
             slow_closes: r(&self.slow_closes),
             protocol_errors: r(&self.protocol_errors),

@@ -259,7 +259,7 @@ impl OpCode {
 pub(crate) struct FrameHead {
     /// Header bytes; only the first `len` are meaningful.
     bytes: [u8; 10],
-    /// Number of meaningful bytes in `bytes` (2, 4 or 10).
+    /// Number of meaningful bytes in `bytes` (2, 4 or 10; 0 for [`FrameHead::none`]).
     len: u8,
 }
 
@@ -292,6 +292,20 @@ impl FrameHead {
             10
         };
         Self { bytes, len }
+    }
+
+    /// No header: the bytes that go with it are the rest of frames already started on the
+    /// wire (a write the socket took only in part), written as they are.
+    pub(crate) fn none() -> Self {
+        Self {
+            bytes: [0; 10],
+            len: 0,
+        }
+    }
+
+    /// True for [`FrameHead::none`].
+    pub(crate) fn is_none(&self) -> bool {
+        self.len == 0
     }
 
     /// The encoded header bytes, to be written right before the payload.

@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use super::codec::{Decoder, FrameHead, Incoming, Limits, OpCode, close_code, close_payload};
+use super::outlet::{Outlet, OutletIo};
 use crate::consumer::{Command, DynConsumer, Event, Frame, HandlerFuture, Outgoing};
 use crate::layer::{DropReason, Inbox, Mailbox, Signal};
 use crate::message::Message;
@@ -55,7 +56,7 @@ const MAX_IOVECS: usize = 64;
 const EVENTS_PER_POLL: u8 = 64;
 
 thread_local! {
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+    pub(super) static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
 }
 
 /// How the handshake ended, sent to the HTTP side that answers the upgrade request.
@@ -87,9 +88,16 @@ struct WriteQueue {
 
 /// Frames up to this size (header included) are copied into one buffer by [`gather`]; a larger
 /// one is written from where it lies.
-const GATHER_PART: usize = 4096 + 14;
+pub(super) const GATHER_PART: usize = 4096 + 14;
 
 impl WriteQueue {
+    /// How many frames at the front have begun going out and must go out whole: the front
+    /// frame once part of it is written, or a [`Command::Remainder`] (the rest of frames begun
+    /// by a direct write). The overflow policy never drops those.
+    fn started(&self) -> usize {
+        usize::from(self.written > 0 || self.frames.front().is_some_and(|f| f.head.is_none()))
+    }
+
     /// The unwritten parts of the queued frames as I/O slices (at most `MAX_IOVECS`).
     fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_IOVECS]) -> usize {
         let mut n = 0;
@@ -719,6 +727,21 @@ impl Conn {
                 }
                 self.enqueue(opcode, payload, false);
             }
+            Command::Remainder(rest) => {
+                if self.phase == Phase::Closed {
+                    return;
+                }
+                // Ahead of everything queued: its frames are on the wire already, in part.
+                // Nothing of this connection's own was written since it armed its mailbox
+                // (it arms only with nothing queued), so nothing queued has begun either.
+                let queue = self.out.get_or_insert_with(Box::default);
+                debug_assert_eq!(queue.written, 0, "a remainder behind a frame begun");
+                queue.bytes += rest.len();
+                queue.frames.push_front(OutFrame {
+                    head: FrameHead::none(),
+                    payload: rest,
+                });
+            }
             Command::Close { code, reason } => {
                 if !self.accepted {
                     if self.rare.as_ref().is_none_or(|r| r.decision.is_none()) {
@@ -752,7 +775,7 @@ impl Conn {
             && (queue.bytes + len > cfg.max_outbound_bytes
                 || queue.frames.len() >= cfg.max_outbound_messages)
         {
-            let start = usize::from(queue.written > 0);
+            let start = queue.started();
             if let Some(pong) = queue
                 .frames
                 .iter_mut()
@@ -784,7 +807,7 @@ impl Conn {
                 }
                 OverflowPolicy::DropOldest => {
                     // Never drop the front frame once it started going out.
-                    let start = usize::from(queue.written > 0);
+                    let start = queue.started();
                     let mut dropped = 0;
                     while (queue.bytes + len > cfg.max_outbound_bytes
                         || queue.frames.len() >= cfg.max_outbound_messages)
@@ -946,7 +969,7 @@ impl Conn {
             .fetch_add(1, Ordering::Relaxed);
         if let Some(queue) = self.out.as_mut() {
             // Keep only a frame that started going out; the close frame follows it.
-            let keep = usize::from(queue.written > 0);
+            let keep = queue.started();
             queue.frames.truncate(keep);
             queue.bytes = queue
                 .frames
@@ -1162,6 +1185,21 @@ impl Conn {
 
     // ---------------------------------------------------------------- open loop
 
+    /// For a plain TCP socket: when the consumer has a fastlane, the socket goes into an
+    /// [`Outlet`] that the mailbox shares, so a pass of wakes can write to it (see
+    /// `Mailbox::write_through`); otherwise it is handed back as it is.
+    pub(crate) fn share_socket(
+        &self,
+        socket: tokio::net::TcpStream,
+    ) -> Result<OutletIo, tokio::net::TcpStream> {
+        if self.fastlane.is_empty() {
+            return Err(socket);
+        }
+        let outlet = Outlet::new(socket, self.shared.clone(), self.fastlane, self.metered);
+        self.mailbox.attach_outlet(outlet.clone());
+        Ok(OutletIo(outlet))
+    }
+
     /// Stamps the connection as active now (its keep-alive clock starts at the upgrade).
     pub(crate) fn mark_open(&self) {
         self.mailbox
@@ -1242,30 +1280,37 @@ impl Conn {
             }
 
             if self.phase == Phase::Closed && self.out.is_none() {
-                self.mailbox.end_poll();
+                self.mailbox.end_poll(false);
                 return Poll::Ready(());
             }
             if let Some(deadline) = self.close_deadline()
                 && deadline.as_mut().poll(cx).is_ready()
             {
                 // The peer did not answer our close (or would not take our last bytes).
-                self.mailbox.end_poll();
+                self.mailbox.end_poll(false);
                 return Poll::Ready(());
             }
             if yielding {
                 // Back of the run queue; what is pending is handled in the next poll.
-                self.mailbox.end_poll();
+                self.mailbox.end_poll(self.may_write_through());
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
             if !again {
-                let more = self.mailbox.end_poll();
+                let more = self.mailbox.end_poll(self.may_write_through());
                 // A closed connection takes nothing more from its mailbox.
                 if !more || self.phase == Phase::Closed {
                     return Poll::Pending;
                 }
             }
         }
+    }
+
+    /// Whether a pass of wakes may write this connection's layer messages to its socket while
+    /// it sleeps (see `Mailbox::write_through`): open, accepted, and nothing of its own
+    /// queued, so those frames cannot come between frames of its own.
+    fn may_write_through(&self) -> bool {
+        self.out.is_none() && self.accepted && self.phase == Phase::Open && !self.close_sent
     }
 
     // ---------------------------------------------------------------- the end

@@ -2,6 +2,7 @@
 
 pub(crate) mod codec;
 pub(crate) mod conn;
+pub(crate) mod outlet;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -40,7 +41,10 @@ pub(crate) async fn websocket_task(
     };
     // The open connection continues as a task of its own, sized to what it holds.
     match upgraded {
-        Upgraded::Tcp(stream, _) => tracker.spawn(OpenTask::new(conn, stream, guard)),
+        Upgraded::Tcp(stream, _) => match conn.share_socket(stream) {
+            Ok(io) => tracker.spawn(OpenTask::new(conn, io, guard)),
+            Err(stream) => tracker.spawn(OpenTask::new(conn, stream, guard)),
+        },
         Upgraded::Unix(stream, _) => tracker.spawn(OpenTask::new(conn, stream, guard)),
         Upgraded::Other(io) => tracker.spawn(OpenTask::new(conn, io, guard)),
         Upgraded::Duplex(io) => tracker.spawn(OpenTask::new(conn, io, guard)),
@@ -134,6 +138,9 @@ mod tests {
     fn an_open_connection_task_stays_small() {
         let task = std::mem::size_of::<super::conn::OpenTask<tokio::net::TcpStream>>();
         assert!(task <= 144, "OpenTask grew to {task} bytes");
+        // With a fastlane the socket lives in an `Outlet` (see outlet.rs), behind one pointer.
+        let task = std::mem::size_of::<super::conn::OpenTask<super::outlet::OutletIo>>();
+        assert!(task <= 144, "OpenTask<OutletIo> grew to {task} bytes");
         let conn = std::mem::size_of::<super::conn::Conn>();
         assert!(conn <= 104, "Conn grew to {conn} bytes");
         // The mailbox lives in an Arc: 16 bytes of counts plus this, which must stay within
