@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::local::{DeferredWakes, Envelope, Mailbox, Push};
+use super::local::{DeferredWakes, Envelope, Mailbox, Push, TOUCH_AHEAD};
 use super::stats::{Counters, DropReason};
 use super::{
     ChannelLayer, LayerConfig, LayerError, LayerStats, LocalChannels, check_outgoing, normalize,
@@ -77,11 +77,6 @@ enum Target {
     Local(Arc<Mailbox>),
     Named(Arc<String>),
 }
-
-/// Members whose mailboxes a group send brings into the cache at once before it pushes to each
-/// ([`Mailbox::touch`]). Eight mailboxes are sixteen cache lines, about as many misses as a
-/// core keeps in flight.
-const TOUCH_AHEAD: usize = 8;
 
 #[derive(Default)]
 struct Group {

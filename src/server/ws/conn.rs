@@ -1185,18 +1185,19 @@ impl Conn {
 
     // ---------------------------------------------------------------- open loop
 
-    /// For a plain TCP socket: when the consumer has a fastlane, the socket goes into an
+    /// For a plain TCP socket: when the consumer has a fastlane (and the connection counts in
+    /// the server's totals, as all but the dashboard's own do), the socket goes into an
     /// [`Outlet`] that the mailbox shares, so a pass of wakes can write to it (see
     /// `Mailbox::write_through`); otherwise it is handed back as it is.
     pub(crate) fn share_socket(
         &self,
         socket: tokio::net::TcpStream,
     ) -> Result<OutletIo, tokio::net::TcpStream> {
-        if self.fastlane.is_empty() {
+        if self.fastlane.is_empty() || !self.metered {
             return Err(socket);
         }
-        let outlet = Outlet::new(socket, self.shared.clone(), self.fastlane, self.metered);
-        self.mailbox.attach_outlet(outlet.clone());
+        let outlet = Outlet::new(socket, self.shared.clone());
+        self.mailbox.attach_outlet(outlet.clone(), self.fastlane);
         Ok(OutletIo(outlet))
     }
 

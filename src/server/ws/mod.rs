@@ -138,9 +138,12 @@ mod tests {
     fn an_open_connection_task_stays_small() {
         let task = std::mem::size_of::<super::conn::OpenTask<tokio::net::TcpStream>>();
         assert!(task <= 144, "OpenTask grew to {task} bytes");
-        // With a fastlane the socket lives in an `Outlet` (see outlet.rs), behind one pointer.
+        // With a fastlane the socket lives in an `Outlet` (see outlet.rs), behind one pointer;
+        // in its `Arc`, within jemalloc's 64-byte size class.
         let task = std::mem::size_of::<super::conn::OpenTask<super::outlet::OutletIo>>();
         assert!(task <= 144, "OpenTask<OutletIo> grew to {task} bytes");
+        let outlet = std::mem::size_of::<super::outlet::Outlet>();
+        assert!(outlet + 16 <= 64, "Outlet grew to {outlet} bytes");
         let conn = std::mem::size_of::<super::conn::Conn>();
         assert!(conn <= 104, "Conn grew to {conn} bytes");
         // The mailbox lives in an Arc: 16 bytes of counts plus this, which must stay within
