@@ -461,6 +461,14 @@ impl ChannelLayer for MemoryLayer {
                     for member in dead {
                         entry.members.remove(&member);
                     }
+                    // Local members in the order their channels were made, which is mostly
+                    // the order their connections came: a send then walks their mailboxes, and
+                    // the kernel its sockets' file and socket objects, in the order they were
+                    // allocated rather than in the map's hash order.
+                    targets.sort_unstable_by_key(|target| match target {
+                        Target::Local(mailbox) => (false, mailbox.id()),
+                        Target::Named(_) => (true, 0),
+                    });
                     let targets: Arc<[Target]> = targets.into();
                     entry.targets = Some(targets.clone());
                     if entry.members.is_empty() {
