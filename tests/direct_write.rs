@@ -13,7 +13,6 @@ use std::time::Duration;
 use canal::demo;
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
 
 /// More than the 512 members above which a group send defers its wakes to a pass of wakes.
 const MEMBERS: usize = 600;
@@ -155,14 +154,7 @@ async fn a_member_whose_socket_fills_gets_the_rest_of_a_partial_write_whole() {
     }
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-        let mut s = socket.connect(addr).await.expect("connect");
-        s.write_all(upgrade_request("/ws/chat/big/", "").as_bytes())
-            .await
-            .expect("write");
-        let head = read_head(&mut s).await;
-        assert_eq!(status_of(&head), 101, "{head}");
+        let mut s = slow_reader_ws(addr, "/ws/chat/big/").await;
         // It reads nothing for a while, then slowly: the rest of a partial write must come
         // first, whole, then what its connection queued meanwhile, and no later message may
         // overtake those while the connection is still writing them.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const MEMBERS: usize = 1000;
 const STALLED: usize = MEMBERS / 10;
@@ -65,19 +65,6 @@ async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
     let text = get(addr, "/metrics").await.body;
     let samples = parse_prometheus(&text);
     sample(&samples, name, &[])
-}
-
-/// A member that never reads, with a small receive buffer so the server notices soon.
-async fn stalled_member(addr: std::net::SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let mut s = socket.connect(addr).await.expect("connect");
-    s.write_all(upgrade_request("/ws/chat/busy/", "").as_bytes())
-        .await
-        .expect("write");
-    let head = read_head(&mut s).await;
-    assert_eq!(status_of(&head), 101, "{head}");
-    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +148,7 @@ async fn stalled_members_are_closed_and_the_others_keep_their_latency() {
         if seq == BASELINE_MESSAGES {
             rss_baseline = rss_kib(pid);
             for _ in 0..STALLED {
-                stalled.push(stalled_member(addr).await);
+                stalled.push(slow_reader_ws(addr, "/ws/chat/busy/").await);
             }
         }
         interval.tick().await;

@@ -188,6 +188,20 @@ pub async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
     s
 }
 
+/// A raw WebSocket connection with a 4 KiB receive buffer, for a member that reads slowly or
+/// not at all: the server's writes to it fill its buffers soon.
+pub async fn slow_reader_ws(addr: SocketAddr, path: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut s = socket.connect(addr).await.expect("connect");
+    s.write_all(upgrade_request(path, "").as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    s
+}
+
 /// A masked client frame.
 pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
