@@ -658,8 +658,9 @@ enum Wake {
 /// own pass. Waking [`WAKE_CHUNK`] members at a time, with a yield between chunks, lets the
 /// sender run within about one chunk: a later message lands in the mailboxes of the members
 /// not woken yet and goes out with the earlier one in the same pass. Members are still woken
-/// once per pass and take everything queued for them with one write, so the CPU per delivery
-/// is the same; the wait for a whole earlier pass is gone.
+/// (or written for, [`Mailbox::write_through`]) once per pass, and everything queued for them
+/// goes out with one write, so the CPU per delivery is the same; the wait for a whole earlier
+/// pass is gone.
 ///
 /// Every group send carries one, to note whether a member was crowded ([`Watch`]); only a
 /// large room's ([`DeferredWakes::for_room`]) defers wakes.
@@ -773,8 +774,9 @@ impl Registry {
         format!("{}{id:x}", self.prefix)
     }
 
-    /// Wakes up to `n` owed members, oldest first; true when the queue is empty (and no one is
-    /// running it any more).
+    /// Wakes up to `n` owed members, oldest first, or writes their messages to their sockets
+    /// for those that sleep armed ([`Mailbox::write_through`]); true when the queue is empty
+    /// (and no one is running it any more).
     fn wake_chunk(&self, n: usize) -> bool {
         let (chunk, done) = {
             let mut queue = self.wakes.lock();
