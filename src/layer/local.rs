@@ -458,7 +458,7 @@ impl Mailbox {
         if !messages.is_empty() {
             return false;
         }
-        *messages = Fifo::Empty;
+        messages.shrink();
         registry
             .watch
             .release(self.watched.swap(false, Ordering::Relaxed));
@@ -523,14 +523,11 @@ impl Mailbox {
     /// sleeps: pushes meanwhile skip the wake, and no pass of wakes writes to its socket.
     pub(crate) fn begin_poll(&self) {
         // Acquire: a writer that disarmed the mailbox (a partial write) is done writing.
-        if self.poll_state.load(Ordering::Acquire) == ARMED {
-            // A pass of wakes may be writing to the socket right now, under the lock: wait
-            // for it, and leave the armed state where the next one looks.
-            let _queues = self.queue.lock();
-            self.poll_state.store(POLLING, Ordering::Relaxed);
-        } else {
-            self.poll_state.store(POLLING, Ordering::Relaxed);
-        }
+        let armed = self.poll_state.load(Ordering::Acquire) == ARMED;
+        // Armed, a pass of wakes may be writing to the socket right now, under the lock: wait
+        // for it, and leave the armed state where the next one looks.
+        let _queues = armed.then(|| self.queue.lock());
+        self.poll_state.store(POLLING, Ordering::Relaxed);
     }
 
     /// The owner is about to sleep: from now on pushes wake it again, and with `armed` (it has

@@ -81,12 +81,12 @@ impl Outlet {
                 let head = FrameHead::new(opcode, payload.len());
                 let head = head.as_slice();
                 let size = head.len() + payload.len();
-                let Some(frame) = scratch.get_mut(len..len + size) else {
-                    break;
-                };
                 if size > GATHER_PART {
                     break;
                 }
+                let Some(frame) = scratch.get_mut(len..len + size) else {
+                    break;
+                };
                 let (h, p) = frame.split_at_mut(head.len());
                 h.copy_from_slice(head);
                 p.copy_from_slice(payload);
